@@ -1,0 +1,12 @@
+"""Shared test settings: one torch thread (deterministic float reductions, no
+contention on 2-core CI machines) and the repository root on sys.path."""
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+torch.set_num_threads(1)
