@@ -1,0 +1,360 @@
+"""Merge methods: each turns K task vectors into one merged task vector.
+
+Every method has the signature ``fn(task_vector_avg, task_vectors, config) -> TaskVector``
+(the extension recipe of the official SVC code). ``config`` is any object with
+attributes (an argparse Namespace, ``types.SimpleNamespace()``); a missing or ``None``
+attribute takes the default declared in the method's keyword-only parameters below,
+which reproduce the official SVC runs. The returned update already carries the
+method's own coefficient (``scaling_coef``), so it is applied with coefficient 1.
+
+Methods walk the parameters one key at a time and read only that key of each task
+vector, so lazy task vectors (``TaskVector(path, path)``) never load K full models.
+To add a method: write ``def my_method(avg, tvs, *, scaling_coef=1.0, my_opt=...)``
+and decorate it with ``@merge_method("NAME")``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from src.linalg import KEY_FILTERS, compute_device, polar, svd
+from src.task_vectors import TaskVector, check_same_keys
+
+MERGE_METHODS: dict[str, Callable] = {}
+METHOD_OPTIONS: dict[str, dict[str, object]] = {}  # name -> {option: default}
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[\s_\-]", "", name).lower()
+
+
+ALIASES = {"average": "WA", "avg": "WA", "weightaverage": "WA", "taskarithmetic": "TA", "sum": "TA"}
+
+
+def get_merge_method(name: str) -> Callable:
+    """Case-insensitive lookup that accepts the spellings people type (``ISO-C``,
+    ``iso_c``, ``TSVM``, ``tsv-m``). Unknown names list the valid ones."""
+    wanted = _canonical(name)
+    for registered in MERGE_METHODS:
+        if _canonical(registered) == wanted:
+            return MERGE_METHODS[registered]
+    if wanted in ALIASES:
+        return MERGE_METHODS[ALIASES[wanted]]
+    raise KeyError(f"unknown merge method {name!r}; valid: {', '.join(MERGE_METHODS)}")
+
+
+def canonical_name(name: str) -> str:
+    """Registry name for any accepted spelling, e.g. ``iso_c`` -> ``Iso-C``."""
+    return get_merge_method(name).merge_name
+
+
+def _options(defaults: dict[str, object], config) -> dict[str, object]:
+    return {k: (default if getattr(config, k, None) is None else getattr(config, k)) for k, default in defaults.items()}
+
+
+def resolve_options(name: str, config=None) -> dict[str, object]:
+    """The method's options: the config's value where set, else the declared default."""
+    return _options(METHOD_OPTIONS[canonical_name(name)], config)
+
+
+def merge_method(name: str):
+    """Register ``impl(task_vector_avg, task_vectors, *, options...)`` under ``name``; its
+    keyword-only parameters are the method's options (config attribute names) and defaults."""
+
+    def register(impl: Callable) -> Callable:
+        defaults = {p.name: p.default for p in inspect.signature(impl).parameters.values()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+        @functools.wraps(impl)
+        def method(task_vector_avg, task_vectors: Sequence[TaskVector], config=None) -> TaskVector:
+            task_vectors = list(task_vectors)
+            if not task_vectors:
+                raise ValueError(f"{name}: no task vectors to merge")
+            for i, tv in enumerate(task_vectors[1:], 1):
+                check_same_keys(task_vectors[0].vector, tv.vector, "task vector 0", f"task vector {i}")
+            return impl(task_vector_avg, task_vectors, **_options(defaults, config))
+
+        method.merge_name = name
+        MERGE_METHODS[name] = method
+        METHOD_OPTIONS[name] = defaults
+        return method
+
+    return register
+
+
+# --- shared helpers ---------------------------------------------------------------
+
+def _stacked(task_vectors: Sequence[TaskVector], key: str) -> Tensor:
+    """K x ... float32 stack of one parameter across tasks (the only per-key memory cost)."""
+    return torch.stack([tv.vector[key].float() for tv in task_vectors])
+
+
+def _per_key(task_vectors: Sequence[TaskVector], fn: Callable[[str, Tensor], Tensor]) -> TaskVector:
+    """Merged TaskVector with ``fn(key, stacked deltas)`` for every key."""
+    return TaskVector(vector={key: fn(key, _stacked(task_vectors, key)) for key in task_vectors[0].vector})
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _key_filter(name: str) -> Callable:
+    _check(name in KEY_FILTERS, f"unknown key filter {name!r}; choose one of {sorted(KEY_FILTERS)}")
+    return KEY_FILTERS[name]
+
+
+# --- methods ----------------------------------------------------------------------
+
+@merge_method("WA")
+def weight_average(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0) -> TaskVector:
+    """Weight averaging (Wortsman et al., "Model soups", ICML 2022): ``scaling_coef`` x the
+    mean of the task vectors, on every key. Default coefficient 1."""
+    return _per_key(task_vectors, lambda key, d: scaling_coef * d.mean(0))
+
+
+@merge_method("TA")
+def task_arithmetic(task_vector_avg, task_vectors, *, scaling_coef: float = 0.3) -> TaskVector:
+    """Task Arithmetic (Ilharco et al., ICLR 2023): ``scaling_coef`` x the sum of the task
+    vectors, on every key. Default 0.3, as the official SVC code and FusionBench."""
+    return _per_key(task_vectors, lambda key, d: scaling_coef * d.sum(0))
+
+
+def _ties_elect_and_merge(trimmed: Tensor, majority: Tensor | None, merge: str) -> Tensor:
+    """TIES sign election and disjoint merge over dim 0 of ``trimmed`` (K x d).
+    Zero elected signs take ``majority`` (default: the sign of the sum of this tensor's signs)."""
+    sign = torch.sign(trimmed.sum(0))
+    if majority is None:
+        majority = torch.sign(sign.sum())
+    sign = torch.where(sign == 0, majority, sign)
+    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)  # sign still 0 selects negatives, as the original
+    selected = trimmed * agree
+    total = selected.sum(0)
+    if merge == "sum":
+        return total
+    return total / (selected != 0).sum(0).clamp_min(1)
+
+
+def _ties_threshold(flat: Tensor, ties_k: float) -> Tensor:
+    """Per-row magnitude threshold keeping the top ``ties_k`` percent (original TIES
+    off-by-one: the (d - int(d k))-th smallest |x| and everything above it)."""
+    d = flat.shape[-1]
+    kth = d - int(d * ties_k / 100.0)
+    return flat.abs().kthvalue(max(kth, 1), dim=-1, keepdim=True).values
+
+
+@merge_method("TIES")
+def ties_merging(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, ties_k: float = 20.0,
+                 ties_merge: str = "mean", ties_scope: str = "layer") -> TaskVector:
+    """TIES-Merging (Yadav et al., NeurIPS 2023): trim each task vector to its top
+    ``ties_k`` % magnitudes, elect a sign per entry, average (``mean``) or add (``sum``)
+    the entries that agree with it, times ``scaling_coef``.
+
+    Defaults = official SVC run: per-layer trimming (``ties_scope='layer'``), top 20 %,
+    disjoint mean, coefficient 1. FusionBench: ``ties_scope='global'``,
+    ``ties_merge='sum'``, ``scaling_coef=0.3``.
+    """
+    _check(0 < ties_k <= 100, f"ties_k is a percentage in (0, 100], got {ties_k}")
+    _check(ties_merge in ("mean", "sum"), f"ties_merge must be 'mean' or 'sum', got {ties_merge!r}")
+    _check(ties_scope in ("layer", "global"), f"ties_scope must be 'layer' or 'global', got {ties_scope!r}")
+    keys = list(task_vectors[0].vector)
+    if ties_scope == "layer":
+        def merge_key(key, d):
+            flat = d.reshape(d.shape[0], -1)
+            trimmed = flat * (flat.abs() >= _ties_threshold(flat, ties_k))
+            return scaling_coef * _ties_elect_and_merge(trimmed, None, ties_merge).reshape(d.shape[1:])
+        return _per_key(task_vectors, merge_key)
+
+    # Global scope: thresholds and the majority sign are statistics of the whole model,
+    # so walk the parameters three times rather than holding K models at once.
+    thresholds = []
+    for tv in task_vectors:  # pass 1: one task's whole vector at a time
+        flat = torch.cat([tv.vector[k].float().reshape(-1) for k in keys])
+        thresholds.append(_ties_threshold(flat, ties_k).item())
+        del flat
+    thr = torch.tensor(thresholds)[:, None]
+
+    def trimmed(key):
+        flat = _stacked(task_vectors, key).reshape(len(task_vectors), -1)
+        return flat * (flat.abs() >= thr)
+
+    sign_total = sum(torch.sign(trimmed(k).sum(0)).sum() for k in keys)  # pass 2
+    majority = torch.sign(torch.as_tensor(sign_total))
+    merged = {}
+    for key in keys:  # pass 3
+        shape = task_vectors[0].vector[key].shape
+        merged[key] = scaling_coef * _ties_elect_and_merge(trimmed(key), majority, ties_merge).reshape(shape)
+    return TaskVector(vector=merged)
+
+
+@merge_method("DARE")
+def dare(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, dare_p: float = 0.8,
+         dare_seed: int = 42, dare_merge: str = "mean", dare_rescale: bool = True) -> TaskVector:
+    """DARE (Yu et al., "Language Models are Super Mario", ICML 2024): drop each entry
+    with probability ``dare_p``, rescale survivors by 1/(1 - p), then mean (or sum)
+    over tasks, times ``scaling_coef``.
+
+    Defaults = official SVC run: p 0.8, rescale, mean, coefficient 1, masks from a
+    generator seeded 42 drawn once per key on the stacked K x ... tensor in key order
+    (so results depend on task and key order). FusionBench: p 0.5, ``dare_merge='sum'``,
+    ``scaling_coef=0.3`` (its random draws differ).
+    """
+    _check(0 <= dare_p < 1, f"dare_p must be in [0, 1), got {dare_p}")
+    _check(dare_merge in ("mean", "sum"), f"dare_merge must be 'mean' or 'sum', got {dare_merge!r}")
+    generator = torch.Generator().manual_seed(int(dare_seed))
+    scale = 1.0 / (1.0 - dare_p) if dare_rescale else 1.0
+
+    def merge_key(key, d):
+        drop = torch.bernoulli(torch.full_like(d, dare_p), generator=generator)
+        kept = d * (1 - drop) * scale
+        return scaling_coef * (kept.mean(0) if dare_merge == "mean" else kept.sum(0))
+
+    return _per_key(task_vectors, merge_key)
+
+
+def _orthogonal_merge(u_blocks: Tensor, s_blocks: Tensor, vh_blocks: Tensor, isotropic: bool) -> Tensor:
+    """Orthogonalise concatenated singular vectors by their polar factors and rebuild
+    ``U_o diag(s) V_o``; ``isotropic`` replaces every s by the mean (Iso-CTS)."""
+    u_o, vh_o = polar(u_blocks), polar(vh_blocks)
+    if isotropic:
+        s_blocks = torch.full_like(s_blocks, s_blocks.mean().item())
+    return (u_o * s_blocks) @ vh_o
+
+
+@merge_method("TSV-M")
+def tsv_merge(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, tsvm_fraction: float | None = None,
+              tsvm_keys: str = "official", device: str | None = None) -> TaskVector:
+    """TSV-Merge (Gargiulo et al., "Task Singular Vectors", CVPR 2025): per matrix, keep
+    each task's top ``int(k * fraction)`` singular triplets, concatenate them,
+    orthogonalise the U and V blocks by their polar factors, rebuild; other keys take
+    the mean. Times ``scaling_coef``.
+
+    Defaults = official SVC run: fraction 1/K, matrices chosen by the official filter
+    (2-D without ``text_projection``/``embedding``; ``tsvm_keys='tsv'`` is the TSV
+    repository's, ``'all2d'`` FusionBench's), coefficient 1 (the TSV paper tunes it on
+    validation data in 0.1..3.0). Invariant to task order.
+    """
+    n_tasks = len(task_vectors)
+    fraction = 1.0 / n_tasks if tsvm_fraction is None else float(tsvm_fraction)
+    _check(0 < fraction <= 1.0 / n_tasks + 1e-12,
+           f"tsvm_fraction must be in (0, 1/K] = (0, {1 / n_tasks:.4f}] so the K blocks fit, got {fraction}")
+    is_matrix = _key_filter(tsvm_keys)
+    dev = compute_device(device)
+
+    def merge_key(key, d):
+        if not is_matrix(key, d.shape[1:]):
+            return scaling_coef * d.mean(0)
+        d = d.to(dev)
+        m, n = d.shape[1:]
+        k = min(m, n)
+        r = int(k * fraction)
+        u_cat, s_cat, vh_cat = d.new_zeros(m, k), d.new_zeros(k), d.new_zeros(k, n)
+        for i in range(n_tasks):  # unfilled slots stay zero, as in the original
+            u, s, vh = svd(d[i])
+            u_cat[:, i * r:(i + 1) * r], s_cat[i * r:(i + 1) * r], vh_cat[i * r:(i + 1) * r] = u[:, :r], s[:r], vh[:r]
+        return (scaling_coef * _orthogonal_merge(u_cat, s_cat, vh_cat, isotropic=False)).cpu()
+
+    return _per_key(task_vectors, merge_key)
+
+
+@merge_method("Iso-C")
+def iso_c(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, device: str | None = None) -> TaskVector:
+    """Iso-C (Marczak et al., "No Task Left Behind: Isotropic Model Merging", ICML 2025):
+    per matrix (2-D, not ``text_projection``; embeddings included), the sum of the task
+    matrices with every singular value replaced by their mean; other keys take the mean.
+    Times ``scaling_coef``: 1 in the official SVC run, 1.5 in FusionBench's SVC config,
+    tuned on validation data in the Iso paper."""
+    dev = compute_device(device)
+
+    def merge_key(key, d):
+        if not KEY_FILTERS["iso"](key, d.shape[1:]):
+            return scaling_coef * d.mean(0)
+        total = d.sum(0)
+        if not total.any():  # e.g. the untouched token embedding: skip a 49408 x 512 SVD
+            return total
+        u, s, vh = svd(total.to(dev))
+        return (scaling_coef * s.mean() * (u @ vh)).cpu()
+
+    return _per_key(task_vectors, merge_key)
+
+
+def iso_cts_dims(k: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:
+    """Common and per-task subspace sizes of Iso-CTS, with the original's int() and
+    Python's half-to-even round(): returns (common, per_task)."""
+    common = int(k * common_fraction)
+    task_total = round((k - common) / n_tasks) * n_tasks
+    common = k - task_total
+    return common, int((k - common) / n_tasks)
+
+
+@merge_method("Iso-CTS")
+def iso_cts(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, iso_common_fraction: float = 0.8,
+            device: str | None = None) -> TaskVector:
+    """Iso-CTS (Marczak et al., ICML 2025): per matrix (2-D, not ``text_projection``),
+    the top ``common_fraction`` of the summed matrix's singular subspace plus each
+    task's top directions outside it, orthogonalised by polar factors, with a flat
+    (mean) spectrum; other keys take the mean. Times ``scaling_coef``.
+
+    Defaults = official SVC run: common fraction 0.8, coefficient 1 (FusionBench's SVC
+    config uses 1.5; the Iso paper tunes it). Invariant to task order.
+    """
+    _check(0 <= iso_common_fraction <= 1, f"iso_common_fraction must be in [0, 1], got {iso_common_fraction}")
+    n_tasks = len(task_vectors)
+    dev = compute_device(device)
+
+    def merge_key(key, d):
+        if not KEY_FILTERS["iso"](key, d.shape[1:]):
+            return scaling_coef * d.mean(0)
+        if not d.any():
+            return d.sum(0)
+        d = d.to(dev)
+        m, n = d.shape[1:]
+        k = min(m, n)
+        common, per_task = iso_cts_dims(k, n_tasks, iso_common_fraction)
+        u, s, vh = svd(d.sum(0))
+        u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]
+        u_cat, s_cat, vh_cat = d.new_zeros(m, k), d.new_zeros(k), d.new_zeros(k, n)
+        for i in range(n_tasks):
+            specific = d[i] - u_c @ (u_c.mT @ d[i])  # remove the common subspace
+            ui, si, vhi = svd(specific)
+            sl = slice(i * per_task, (i + 1) * per_task)
+            u_cat[:, sl], s_cat[sl], vh_cat[sl] = ui[:, :per_task], si[:per_task], vhi[:per_task]
+        base = n_tasks * per_task
+        u_cat[:, base:base + common], s_cat[base:base + common], vh_cat[base:base + common] = u_c, s_c, vh_c
+        return (scaling_coef * _orthogonal_merge(u_cat, s_cat, vh_cat, isotropic=True)).cpu()
+
+    return _per_key(task_vectors, merge_key)
+
+
+@merge_method("STAR")
+def star(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, star_eta: float = 40.0) -> TaskVector:
+    """STAR (Lee et al., "STAR: Spectral Truncation and Rescale for Model Merging", NAACL
+    2025): per task and matrix (conv weights reshaped to out x rest), keep the fewest top
+    singular values holding ``star_eta`` % of the nuclear norm, rescale them so the
+    nuclear norm is preserved, rebuild; then the mean over tasks, times ``scaling_coef``.
+    1-D/0-D keys take the plain mean. Defaults = official SVC run: eta 40, coefficient 1."""
+    _check(0 < star_eta <= 100, f"star_eta is a percentage in (0, 100], got {star_eta}")
+
+    def truncate(t: Tensor) -> Tensor:
+        mat = t.reshape(t.shape[0], -1)
+        u, s, vh = svd(mat)
+        total = s.sum()
+        if total <= 1e-12:
+            return torch.zeros_like(t)
+        r = int((s.cumsum(0) / total >= star_eta / 100.0).nonzero()[0]) + 1
+        kept = s[:r] * (total / s[:r].sum())
+        return ((u[:, :r] * kept) @ vh[:r]).reshape(t.shape)
+
+    def merge_key(key, d):
+        if d.dim() < 3:  # 0-D / 1-D parameters
+            return scaling_coef * d.mean(0)
+        if not d.any():
+            return d.mean(0)
+        return scaling_coef * torch.stack([truncate(t) for t in d]).mean(0)
+
+    return _per_key(task_vectors, merge_key)
