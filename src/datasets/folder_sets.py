@@ -1,0 +1,162 @@
+"""Tasks stored in the task_vectors folder layouts under --data-location: Cars, DTD, EuroSAT, RESISC45, SUN397.
+
+Layouts (task_vectors; the official SVC code's variants are accepted too):
+  stanford_cars/{cars_train, cars_test, devkit/cars_meta.mat, devkit/cars_train_annos.mat}
+      + cars_test_annos_withlabels.mat in stanford_cars/ (task_vectors) or stanford_cars/devkit/ (SVC)
+  dtd/{train, val}                    ImageFolder; test split = `val` (task_vectors) or `test` (SVC)
+  EuroSAT_splits/{train, val, test}   ImageFolder; validation split = `val` (task_vectors) or `valid` (SVC)
+  resisc45/NWPU-RESISC45/<class>/*.jpg + resisc45/resisc45-{train,val,test}.txt (file names per split)
+  sun397/{train, val}                 ImageFolder, folders like `a_abbey`; test = `val` or `test` (SVC)
+These splits are not what torchvision downloads, so none of these tasks can be fetched with --download.
+"""
+import os
+import re
+
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+
+from src.datasets import templates as T
+from src.datasets.registry import DatasetNotFoundError, register_dataset
+
+PREP_HELP = ("Prepare the splits as task_vectors does (https://github.com/mlfoundations/task_vectors/issues/1) "
+             "and pass the folder that contains them as --data-location.")
+
+
+def _first_dir(task: str, candidates: list[str]) -> str:
+    """First existing folder among the accepted layout variants, else a DatasetNotFoundError naming them."""
+    for path in candidates:
+        if os.path.isdir(path):
+            return path
+    raise DatasetNotFoundError(f"{task}: folder {' or '.join(candidates)} not found. {PREP_HELP}")
+
+
+def _first_file(task: str, candidates: list[str]) -> str:
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise DatasetNotFoundError(f"{task}: file {' or '.join(candidates)} not found. {PREP_HELP}")
+
+
+def _class_folders(path: str) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+
+
+def _image_folder(task: str, split_dir: str, train_dir: str, preprocess) -> ImageFolder:
+    """ImageFolder whose classes must match the train folder's (labels index the train class list)."""
+    if split_dir != train_dir and os.path.isdir(train_dir):
+        if _class_folders(split_dir) != _class_folders(train_dir):
+            raise ValueError(f"{task}: class folders of {split_dir} differ from those of {train_dir}, so labels "
+                             f"would not match the class names. Re-create the splits with the same class folders.")
+    return ImageFolder(split_dir, transform=preprocess)
+
+
+class ImageList(Dataset):
+    """(path, label) samples read as RGB PIL images."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform=None):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        image = Image.open(path).convert("RGB")
+        return (self.transform(image) if self.transform else image), label
+
+
+def build_cars(split: str, preprocess, location: str) -> Dataset:
+    import scipy.io
+
+    base = os.path.join(location, "stanford_cars")
+    devkit = os.path.join(base, "devkit")
+    if split == "train":
+        annos = _first_file("Cars", [os.path.join(devkit, "cars_train_annos.mat")])
+        images = _first_dir("Cars", [os.path.join(base, "cars_train")])
+    elif split == "test":
+        annos = _first_file("Cars", [os.path.join(base, "cars_test_annos_withlabels.mat"),
+                                     os.path.join(devkit, "cars_test_annos_withlabels.mat")])
+        images = _first_dir("Cars", [os.path.join(base, "cars_test")])
+    else:
+        raise ValueError(f"Cars has no {split!r} split")
+    meta = _first_file("Cars", [os.path.join(devkit, "cars_meta.mat")])
+    records = scipy.io.loadmat(annos, squeeze_me=True)["annotations"]
+    samples = [(os.path.join(images, str(r["fname"])), int(r["class"]) - 1) for r in records]  # .mat is 1-based
+    dataset = ImageList(samples, preprocess)
+    names = scipy.io.loadmat(meta, squeeze_me=True)["class_names"].tolist()
+    dataset.classnames = [str(name).replace("_", " ") for name in names]
+    return dataset
+
+
+def build_dtd(split: str, preprocess, location: str) -> Dataset:
+    train_dir = os.path.join(location, "dtd", "train")
+    if split == "train":
+        split_dir = _first_dir("DTD", [train_dir])
+    elif split == "test":
+        # task_vectors calls the original test partition `val`; SVC calls it `test`. `val` wins if both exist.
+        split_dir = _first_dir("DTD", [os.path.join(location, "dtd", n) for n in ("val", "test")])
+    else:
+        raise ValueError(f"DTD has no {split!r} split (DTDVal is cut from train)")
+    dataset = _image_folder("DTD", split_dir, train_dir, preprocess)
+    dataset.classnames = [c.replace("_", " ") for c in dataset.classes]
+    return dataset
+
+
+_EUROSAT_OPENAI = {
+    "annual crop": "annual crop land", "forest": "forest", "herbaceous vegetation": "brushland or shrubland",
+    "highway": "highway or road", "industrial area": "industrial buildings or commercial buildings",
+    "pasture": "pasture land", "permanent crop": "permanent crop land",
+    "residential area": "residential buildings or homes or apartments", "river": "river", "sea lake": "lake or sea",
+}
+
+
+def eurosat_classname(folder: str) -> str:
+    """'HerbaceousVegetation' -> 'brushland or shrubland': CamelCase -> words, '+ area' after '-al', OpenAI words."""
+    camel_words = re.findall(r"[A-Z](?:[a-z]+|[A-Z]*(?=[A-Z]|$))", folder.replace("_", " "))
+    words = " ".join(w.lower() for w in camel_words)
+    words = words + " area" if words.endswith("al") else words
+    if words not in _EUROSAT_OPENAI:
+        raise ValueError(f"EuroSAT: unexpected class folder {folder!r}; expected the 10 EuroSAT RGB classes")
+    return _EUROSAT_OPENAI[words]
+
+
+def build_eurosat(split: str, preprocess, location: str) -> Dataset:
+    base = os.path.join(location, "EuroSAT_splits")
+    names = {"train": ["train"], "val": ["val", "valid"], "test": ["test"]}[split]  # `valid`: SVC's name
+    split_dir = _first_dir("EuroSAT", [os.path.join(base, n) for n in names])
+    dataset = _image_folder("EuroSAT", split_dir, os.path.join(base, "train"), preprocess)
+    dataset.classnames = [eurosat_classname(c) for c in dataset.classes]
+    return dataset
+
+
+def build_resisc45(split: str, preprocess, location: str) -> Dataset:
+    root = _first_dir("RESISC45", [os.path.join(location, "resisc45", "NWPU-RESISC45")])
+    listing = _first_file("RESISC45", [os.path.join(location, "resisc45", f"resisc45-{split}.txt")])
+    with open(listing) as f:
+        keep = {line.strip() for line in f if line.strip()}
+    dataset = ImageFolder(root, transform=preprocess, is_valid_file=lambda p: os.path.basename(p) in keep)
+    dataset.classnames = [c.replace("_", " ") for c in dataset.classes]
+    return dataset
+
+
+def build_sun397(split: str, preprocess, location: str) -> Dataset:
+    train_dir = os.path.join(location, "sun397", "train")
+    if split == "train":
+        split_dir = _first_dir("SUN397", [train_dir])
+    elif split == "test":
+        split_dir = _first_dir("SUN397", [os.path.join(location, "sun397", "val"),
+                                          os.path.join(location, "sun397", "test")])
+    else:
+        raise ValueError(f"SUN397 has no {split!r} split (SUN397Val is cut from train)")
+    dataset = _image_folder("SUN397", split_dir, train_dir, preprocess)
+    dataset.classnames = [c[2:].replace("_", " ") for c in dataset.classes]  # drop the `a_` letter prefix
+    return dataset
+
+
+register_dataset("SUN397", build_sun397, T.SUN397, T.TEMPLATES["SUN397"])
+register_dataset("Cars", build_cars, T.CARS, T.TEMPLATES["Cars"])
+register_dataset("RESISC45", build_resisc45, T.RESISC45, T.TEMPLATES["RESISC45"])
+register_dataset("EuroSAT", build_eurosat, T.EUROSAT, T.TEMPLATES["EuroSAT"], val_from_train=False)
+register_dataset("DTD", build_dtd, T.DTD, T.TEMPLATES["DTD"])

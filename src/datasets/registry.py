@@ -1,0 +1,185 @@
+"""Dataset registry: task names -> builders, class names, templates; task sets; `<Task>Val` splits.
+
+A builder is `build(split, preprocess, location)` with split in {"train", "val", "test"} returning a
+torch Dataset of (image, label). Builders of data that torchvision can fetch also accept `download=True`;
+nothing is downloaded unless the caller asks for it.
+"""
+import importlib
+import importlib.util
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, random_split
+
+Builder = Callable[..., Dataset]
+
+# task_vectors convention for `<Task>Val`: 10% of train, at most 5000 images, seed 0, random_split [train, val].
+VAL_FRACTION = 0.1
+MAX_VAL_SAMPLES = 5000
+VAL_SEED = 0
+
+TASK_SETS: dict[int, list[str]] = {
+    8: ["SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD"],  # official SVC order
+}
+TASK_SETS[14] = TASK_SETS[8] + ["STL10", "OxfordIIITPet", "Flowers102", "CIFAR100", "PCAM", "FER2013"]
+TASK_SETS[20] = TASK_SETS[14] + ["CIFAR10", "Food101", "FashionMNIST", "RenderedSST2", "EMNIST", "KMNIST"]
+
+NAMED_SETS: dict[str, list[str]] = {}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are missing; the message names the folder expected and how to get the data."""
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    build: Builder
+    classnames: list
+    templates: list[Callable[[str], str]]
+    val_from_train: bool = True
+
+
+_REGISTRY: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(name: str, build: Builder, classnames: list, templates: list[Callable[[str], str]],
+                     val_from_train: bool = True) -> None:
+    """Register a task. With `val_from_train` the registry cuts "val" out of "train" itself."""
+    if name.lower().endswith("val"):
+        raise ValueError(f"dataset name {name!r} must not end in 'Val': '<Task>Val' names the validation split")
+    _REGISTRY[name] = DatasetSpec(name, build, list(classnames), list(templates), val_from_train)
+
+
+def register_task_set(name: str, tasks: list[str]) -> None:
+    """Register a named task set usable wherever a task spec is accepted (e.g. `--tasks demo`)."""
+    NAMED_SETS[name.lower()] = list(tasks)
+
+
+def _load_plugins() -> None:
+    """Import the built-in dataset families and, when present, the embedded demo tasks (they self-register)."""
+    for module in ("src.datasets.folder_sets", "src.datasets.torchvision_sets", "src.datasets.demo"):
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+
+
+def _parse(name: str) -> tuple[str, bool]:
+    """(registered task name, is it the 'Val' split) for a case-insensitive name; ValueError if unknown."""
+    _load_plugins()
+    lookup = {key.lower(): key for key in _REGISTRY}
+    key = name.strip().lower()
+    if key in lookup:
+        return lookup[key], False
+    if key.endswith("val") and key[:-3] in lookup:
+        return lookup[key[:-3]], True
+    raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(_REGISTRY))} "
+                     f"(append 'Val' for the validation split)")
+
+
+def _canonical(name: str) -> str:
+    """Registered spelling of a task name, keeping a 'Val' suffix."""
+    base, is_val = _parse(name)
+    return base + "Val" if is_val else base
+
+
+def resolve_tasks(spec: str) -> list[str]:
+    """'8' | '14' | '20' | a named set (e.g. 'demo') | 'A,B,C' (case-insensitive) -> registered task names."""
+    _load_plugins()
+    spec = str(spec).strip()
+    if spec.isdigit() and int(spec) in TASK_SETS:
+        return list(TASK_SETS[int(spec)])
+    if spec.lower() in NAMED_SETS:
+        return list(NAMED_SETS[spec.lower()])
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    if not names:
+        raise ValueError(f"empty task list {spec!r}; use 8, 14, 20, {', '.join(sorted(NAMED_SETS))} or A,B,C")
+    try:
+        tasks = [_canonical(name) for name in names]
+    except ValueError as err:
+        sets = ", ".join([str(k) for k in TASK_SETS] + sorted(NAMED_SETS))
+        raise ValueError(f"{err}; task sets: {sets}") from None
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"task list {spec!r} names a task twice")
+    return tasks
+
+
+def dataset_names() -> list[str]:
+    """All registered task names."""
+    _load_plugins()
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """Registration record of a task ('XVal' resolves to X)."""
+    return _REGISTRY[_parse(name)[0]]
+
+
+def split_train_val(train: Dataset, name: str = "") -> tuple[Subset, Subset]:
+    """Deterministic [train, val] split of a train set, exactly as task_vectors builds `<Task>Val`."""
+    total = len(train)
+    n_val = min(int(total * VAL_FRACTION), MAX_VAL_SAMPLES)
+    if n_val <= 0 or n_val >= total:
+        raise ValueError(f"{name or 'dataset'}: train split has {total} images, too few to cut a "
+                         f"{VAL_FRACTION:.0%} validation split")
+    parts = random_split(train, [total - n_val, n_val], generator=torch.Generator().manual_seed(VAL_SEED))
+    return parts[0], parts[1]
+
+
+def _call_build(spec: DatasetSpec, split: str, preprocess, location: str, download: bool) -> Dataset:
+    if not download:
+        return spec.build(split, preprocess, location)
+    if "download" not in inspect.signature(spec.build).parameters:
+        raise ValueError(f"{spec.name} cannot be downloaded automatically; prepare it by hand "
+                         f"(see the error without --download for the layout expected)")
+    return spec.build(split, preprocess, location, download=True)
+
+
+def _classnames_of(dataset: Dataset, default: list) -> list:
+    """Class names derived from the data when the builder attached them (as the original does), else default."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return list(getattr(dataset, "classnames", default))
+
+
+@dataclass
+class DatasetSplit:
+    """One split of one task, ready for evaluation (loader does not shuffle)."""
+    name: str
+    classnames: list
+    templates: list[Callable[[str], str]]
+    dataset: Dataset
+    loader: DataLoader = field(repr=False)
+
+    # aliases: the original code reads `dataset.test_dataset` / `dataset.test_loader`
+    @property
+    def test_dataset(self) -> Dataset:
+        return self.dataset
+
+    @property
+    def test_loader(self) -> DataLoader:
+        return self.loader
+
+
+def load_split(name: str, split: str, preprocess, location: str, download: bool = False) -> Dataset:
+    """The raw torch Dataset of one split of a task ("train" is the remainder after cutting "val")."""
+    spec = get_spec(name)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    if split == "test" or not spec.val_from_train:
+        return _call_build(spec, split, preprocess, location, download)
+    train, val = split_train_val(_call_build(spec, "train", preprocess, location, download), spec.name)
+    return train if split == "train" else val
+
+
+def get_dataset(name: str, preprocess, location: str, batch_size: int = 128, num_workers: int = 2,
+                split: str | None = None, download: bool = False) -> DatasetSplit:
+    """Task `name` ("XVal" -> split "val" of X, else "test" unless `split` is given) with a non-shuffled loader."""
+    base, is_val_name = _parse(name)
+    split = split or ("val" if is_val_name else "test")
+    spec = _REGISTRY[base]
+    dataset = load_split(base, split, preprocess, location, download)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    label = f"{base}Val" if split == "val" else base
+    return DatasetSplit(label, _classnames_of(dataset, spec.classnames), spec.templates, dataset, loader)

@@ -1,0 +1,83 @@
+"""Top-1 evaluation of an image encoder + classification head on the registry's datasets."""
+import sys
+from typing import Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from src.datasets.registry import get_dataset
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """`name` ('cuda', 'cuda:1', 'mps', 'cpu'), or the best available one when None / 'auto'."""
+    if name and name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name}: MPS is not available on this machine (use cpu or auto)")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def make_deterministic(seed: int) -> None:
+    """Seed torch and prefer deterministic kernels (evaluation itself draws no random numbers)."""
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def _batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, Mapping):  # task_vectors-style {"images": ..., "labels": ...}
+        return batch["images"], batch["labels"]
+    return batch[0], batch[1]
+
+
+@torch.no_grad()
+def evaluate(image_encoder: torch.nn.Module, head: torch.nn.Module, loader, device: str | torch.device,
+             progress: bool | None = None, desc: str = "", amp: bool = False) -> float:
+    """Top-1 accuracy in percent of head(image_encoder(x)) over `loader`.
+
+    progress: tqdm bar; None shows it only when stderr is a terminal. amp: float16 autocast, CUDA only; it is
+    faster but not bit-comparable with the fp32 numbers of the reference code, hence off by default.
+    """
+    device = torch.device(device)
+    image_encoder.eval().to(device)
+    head.eval().to(device)
+    use_amp = amp and device.type == "cuda"
+    show = sys.stderr.isatty() if progress is None else progress
+    correct, total = 0, 0
+    for batch in tqdm(loader, desc=desc, disable=not show, leave=False):
+        images, labels = _batch(batch)
+        images = images.to(device, non_blocking=True)
+        labels = torch.as_tensor(labels).to(device)
+        with torch.autocast(device_type="cuda", enabled=use_amp):
+            logits = head(image_encoder(images))
+        correct += (logits.argmax(dim=1) == labels).sum().item()
+        total += labels.numel()
+    if total == 0:
+        raise ValueError(f"{desc or 'dataset'}: no images to evaluate")
+    return 100.0 * correct / total
+
+
+def evaluate_tasks(image_encoder: torch.nn.Module, tasks: list[str], heads: Mapping[str, torch.nn.Module],
+                   preprocess, data_location: str, device: str | torch.device | None = None,
+                   batch_size: int = 128, num_workers: int = 2, progress: bool | None = None,
+                   amp: bool = False, seed: int = 0) -> dict[str, float]:
+    """Top-1 % per dataset, keyed by registered name. `XVal` evaluates X's validation split with the head
+    `heads["XVal"]`, or `heads["X"]` when there is none (task_vectors' Val heads equal the test ones)."""
+    make_deterministic(seed)
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    results = {}
+    for task in tasks:
+        split = get_dataset(task, preprocess, data_location, batch_size=batch_size, num_workers=num_workers)
+        base = split.name[:-3] if split.name.endswith("Val") else split.name
+        head = heads.get(split.name, heads.get(base))
+        if head is None:
+            raise KeyError(f"no classification head for {split.name}; heads given for: {', '.join(heads)}")
+        results[split.name] = evaluate(image_encoder, head, split.loader, device, progress, split.name, amp)
+    return results

@@ -1,0 +1,70 @@
+"""Zero-shot classification heads: load `head_<Task>.pt`, or build one from a CLIP text tower and cache it."""
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from src.datasets.registry import DatasetNotFoundError, get_dataset, get_spec
+from src.modeling import ClassificationHead
+
+
+@torch.no_grad()
+def build_zeroshot_head(clip_model: torch.nn.Module, tokenizer: Callable, classnames: list,
+                        templates: list[Callable[[str], str]], device: str | torch.device = "cpu"
+                        ) -> ClassificationHead:
+    """Per class: embed every template, L2-normalise each, average, re-normalise; stack; times exp(logit_scale).
+
+    Same computation as task_vectors' `build_classification_head`; the head L2-normalises image features.
+    """
+    if not classnames or not templates:
+        raise ValueError("building a zero-shot head needs at least one class name and one template")
+    if not hasattr(clip_model, "encode_text"):
+        raise ValueError("building a zero-shot head needs a CLIP model with its text tower (encode_text)")
+    clip_model.eval().to(device)
+    weights = []
+    for classname in classnames:
+        tokens = tokenizer([template(classname) for template in templates]).to(device)
+        embeddings = clip_model.encode_text(tokens)
+        embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True)
+        embedding = embeddings.mean(dim=0)
+        weights.append(embedding / embedding.norm())
+    weights = torch.stack(weights) * clip_model.logit_scale.exp()
+    return ClassificationHead(normalize=True, weights=weights.float().cpu())
+
+
+def head_path(checkpoint_dir: str | Path, task: str) -> Path:
+    """Where the head of `task` lives (task_vectors / SVC convention: next to the checkpoints)."""
+    return Path(checkpoint_dir) / f"head_{task}.pt"
+
+
+def task_classnames(task: str, data_location: str) -> list:
+    """Class names as the original derives them (from the data when it does), else the registered list."""
+    try:
+        return get_dataset(task, None, data_location, num_workers=0).classnames
+    except DatasetNotFoundError:
+        return get_spec(task).classnames
+
+
+def get_classification_head(model_name: str, task: str, checkpoint_dir: str | Path, data_location: str,
+                            clip_model: torch.nn.Module | None = None, device: str | torch.device = "cpu",
+                            tokenizer: Callable | None = None) -> ClassificationHead:
+    """Load `<checkpoint_dir>/head_<task>.pt`, or build it with `clip_model`'s text tower and save it there.
+
+    `clip_model` must carry the real text weights of `model_name` (the task_vectors checkpoints do not contain
+    the text transformer), e.g. `open_clip.create_model(model_name, pretrained="openai")`.
+    """
+    import clip  # the repository's checkpoint package (safe loader)
+
+    path = head_path(checkpoint_dir, task)
+    if path.exists():
+        return clip.load_head(path)
+    if clip_model is None:
+        raise FileNotFoundError(
+            f"classification head {path} not found. Put the released head_{task}.pt there (it ships with the "
+            f"task_vectors checkpoints), or pass a CLIP model with its {model_name} text tower to build it.")
+    tokenizer = tokenizer or clip.get_tokenizer(model_name)
+    spec = get_spec(task)
+    head = build_zeroshot_head(clip_model, tokenizer, task_classnames(task, data_location), spec.templates, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clip.save_head(head, path)
+    return head

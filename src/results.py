@@ -1,0 +1,369 @@
+"""Results tables from logs/<model>/results.jsonl.
+
+    python -m src.results logs/ViT-B-32 --format markdown
+    python -m src.results logs/ViT-B-32/results.jsonl --format latex --out table.tex
+
+One row per configuration (merge method, with/without SVC, and whatever else differs:
+alpha, merge coefficient, method options, model, task set), one column per dataset,
+then the average absolute and the average normalised accuracy. Repeated runs of one
+configuration (e.g. several seeds) are shown as mean ± sample std, with their count n.
+The best value per column among the merged models is marked (bold; '*' in csv).
+Zero-shot and fine-tuned reference rows come first and are never marked.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+RESULTS_FILE = "results.jsonl"
+REFERENCE_LABELS = {"zeroshot": "Zero-shot", "finetuned": "Fine-tuned"}
+AVG, NORM = "Avg", "Avg (norm.)"
+SVC_FIELDS = ("svc_keys", "svc_target", "svc_row_space", "svc_dtype")  # logged by main.py with svc=True
+
+
+# ----------------------------------------------------------------------------- loading
+def results_files(path: str | Path) -> list[Path]:
+    """results.jsonl files for a file, a logs/<model> folder, or a logs folder holding model folders."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if (path / RESULTS_FILE).is_file():
+        return [path / RESULTS_FILE]
+    found = sorted(path.glob(f"*/{RESULTS_FILE}")) if path.is_dir() else []
+    if not found:
+        raise FileNotFoundError(
+            f"no {RESULTS_FILE} at {path} (nor in its sub-folders); pass logs/<model> or the file itself, "
+            "after running main.py at least once"
+        )
+    return found
+
+
+def _row_problem(row: object) -> str | None:
+    """Why a parsed line cannot be used, or None."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    if not isinstance(row.get("merge"), str):
+        return "no 'merge' name"
+    acc = row.get("accuracy")
+    if not isinstance(acc, dict) or not acc:
+        return "no 'accuracy' object"
+    for task, value in acc.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"accuracy of {task!r} is not a finite number: {value!r}"
+    return None
+
+
+def load_results(path: str | Path) -> list[dict]:
+    """All usable rows; malformed lines are skipped with a warning naming file and line."""
+    rows = []
+    for file in results_files(path):
+        for lineno, line in enumerate(file.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                warnings.warn(f"{file}:{lineno}: skipped malformed line ({err.msg})")
+                continue
+            problem = _row_problem(row)
+            if problem:
+                warnings.warn(f"{file}:{lineno}: skipped line ({problem})")
+                continue
+            rows.append(row)
+    return rows
+
+
+def same_method(a: str, b: str) -> bool:
+    """Method names match ignoring case, spaces, '-' and '_' (ISO-C = Iso-C = iso_c)."""
+    return re.sub(r"[\s_\-]", "", a).lower() == re.sub(r"[\s_\-]", "", b).lower()
+
+
+# ----------------------------------------------------------------------------- configurations
+def _auto_or(row: dict, name: str):
+    """Logged value of a coefficient, or 'auto' when it was selected on validation data."""
+    value = row.get(name)
+    if f"{name}_grid" in row or value == "auto":
+        return "auto"
+    return value
+
+
+def _own_options(row: dict) -> dict:
+    """The method's options without those already logged as top-level coefficient fields."""
+    options = dict(row.get("options") or {})
+    for name in ("scaling_coef", "alpha"):
+        if name in options and (options[name] == row.get(name) or _auto_or(row, name) == "auto"):
+            del options[name]
+    return options
+
+
+def config_of(row: dict) -> dict:
+    """What makes two runs the same configuration (seed and timings excluded)."""
+    merge = row["merge"]
+    tasks = row.get("tasks") or list(row["accuracy"])
+    config = {"model": row.get("model"), "layout": row.get("layout"), "tasks": tuple(sorted(tasks)), "merge": merge,
+              # runs on different checkpoint files (e.g. a rebuilt demo zoo) are never averaged together,
+              # unless the rows were pooled on purpose (see --pool-checkpoints)
+              "checkpoints": row.get("checkpoints")}
+    if merge in REFERENCE_LABELS:  # references have no coefficients or options
+        return config
+    svc = bool(row.get("svc", False))
+    config.update(
+        svc=svc,
+        alpha=_auto_or(row, "alpha") if svc else None,
+        scaling_coef=_auto_or(row, "scaling_coef"),
+        options=json.dumps(_own_options(row), sort_keys=True),
+    )
+    if svc:  # SVC variants (key filter, single target task, row space, compute dtype)
+        config.update({k: row.get(k) for k in SVC_FIELDS})
+    return config
+
+
+def base_label(config: dict) -> str:
+    if config["merge"] in REFERENCE_LABELS:
+        return REFERENCE_LABELS[config["merge"]]
+    return config["merge"] + (" +SVC" if config["svc"] else "")
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _label_parts(config: dict, differing: set[str]) -> list[str]:
+    parts = []
+    if "model" in differing:
+        parts.append(str(config["model"]))
+    if "layout" in differing:
+        parts.append(f"{config['layout']} checkpoints")
+    if "tasks" in differing:
+        parts.append(f"{len(config['tasks'])} tasks")
+    if "scaling_coef" in differing:
+        parts.append(f"coef={_fmt(config['scaling_coef'])}")
+    if "alpha" in differing:
+        parts.append(f"alpha={_fmt(config['alpha'])}")
+    parts += [f"{k.removeprefix('svc_')}={_fmt(config.get(k))}" for k in SVC_FIELDS if k in differing]
+    for key in sorted(k for k in differing if k.startswith("options.")):
+        value = json.loads(config["options"]).get(key[len("options."):], "-")
+        parts.append(f"{key[len('options.'):]}={_fmt(value)}")
+    return parts
+
+
+def label_configs(configs: list[dict]) -> list[str]:
+    """Readable, unique labels: the base name plus only the fields that differ between
+    configurations sharing that base name (e.g. 'TA +SVC (alpha=0.125)')."""
+    by_base: dict[str, list[int]] = {}
+    for i, c in enumerate(configs):
+        by_base.setdefault(base_label(c), []).append(i)
+    labels = [""] * len(configs)
+    for base, idx in by_base.items():
+        flat = []
+        for i in idx:
+            c = dict(configs[i])
+            for k, v in json.loads(c.pop("options", "{}")).items():
+                c[f"options.{k}"] = json.dumps(v, sort_keys=True)
+            flat.append(c)
+        keys = set().union(*flat)
+        differing = {k for k in keys if len({json.dumps(f.get(k), default=str) for f in flat}) > 1}
+        for i in idx:
+            parts = _label_parts(configs[i], differing)
+            labels[i] = f"{base} ({', '.join(parts)})" if parts else base
+    seen: dict[str, int] = {}
+    for i, lab in enumerate(labels):  # last resort; should not happen
+        seen[lab] = seen.get(lab, 0) + 1
+        if seen[lab] > 1:
+            labels[i] = f"{lab} #{seen[lab]}"
+    return labels
+
+
+# ----------------------------------------------------------------------------- table
+@dataclass
+class Table:
+    """Per configuration (index = label) and column (datasets, Avg, Avg (norm.)):
+    mean and sample std over runs, the run count n, the configs, and the reference labels."""
+
+    mean: pd.DataFrame
+    std: pd.DataFrame
+    n: pd.Series
+    configs: dict[str, dict]
+    reference: list[str]
+
+    def best(self, decimals: int = 2) -> pd.DataFrame:
+        """Boolean mask: best mean per column among non-reference rows (ties at display precision all marked)."""
+        mask = pd.DataFrame(False, index=self.mean.index, columns=self.mean.columns)
+        candidates = [r for r in self.mean.index if r not in self.reference]
+        for col in self.mean.columns:
+            values = self.mean.loc[candidates, col].dropna().round(decimals)
+            if len(values):
+                mask.loc[values.index[values == values.max()], col] = True
+        return mask
+
+
+def _normalized(row: dict, finetuned: dict[str, float]) -> float:
+    """Average normalised accuracy (%) of one run: logged value, else acc / fine-tuned acc."""
+    logged = row.get("normalized")
+    if isinstance(logged, dict) and logged:
+        return sum(logged.values()) / len(logged)
+    if isinstance(logged, (int, float)) and not isinstance(logged, bool):
+        return float(logged)
+    acc = row["accuracy"]
+    if all(t in finetuned for t in acc):
+        return sum(100.0 * a / finetuned[t] for t, a in acc.items()) / len(acc)
+    return math.nan
+
+
+def row_scores(rows: list[dict]) -> list[dict[str, float]]:
+    """Per run: {Avg: mean accuracy, Avg (norm.): normalised accuracy}. Runs that did not
+    log `normalized` are normalised by the mean fine-tuned accuracy of the same model
+    found in `rows` (NaN when a dataset has no fine-tuned row)."""
+    ft: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["merge"] == "finetuned":
+            for t, a in r["accuracy"].items():
+                ft.setdefault((r.get("model"), t), []).append(float(a))
+    ft_mean = {k: sum(v) / len(v) for k, v in ft.items()}
+    scores = []
+    for r in rows:
+        acc = r["accuracy"]
+        avg = sum(acc.values()) / len(acc)
+        logged = r.get("avg")
+        if isinstance(logged, (int, float)) and abs(logged - avg) > 5e-3:
+            warnings.warn(f"{r['merge']} run of {r.get('time', '?')}: logged avg {logged} != mean of its "
+                          f"accuracies {avg:.4f}; using the latter")
+        finetuned = {t: v for (m, t), v in ft_mean.items() if m == r.get("model")}
+        norm = _normalized(r, finetuned)
+        if 0 < norm <= 1.5 and avg > 1.5:
+            warnings.warn(f"{r['merge']} run of {r.get('time', '?')}: normalized accuracy {norm:.4f} looks like a "
+                          "fraction, but results.jsonl stores percentages (100 = fine-tuned accuracy)")
+        scores.append({AVG: avg, NORM: norm})
+    return scores
+
+
+def summarize(rows: list[dict]) -> Table:
+    """Group runs by configuration and aggregate them (see module docstring)."""
+    if not rows:
+        raise ValueError("no usable results rows")
+    configs = [config_of(r) for r in rows]
+    keys = [json.dumps(c, sort_keys=True, default=str) for c in configs]
+    unique = list(dict.fromkeys(keys))
+    labels = dict(zip(unique, label_configs([configs[keys.index(k)] for k in unique])))
+
+    datasets: list[str] = []
+    records = []
+    for r, key, score in zip(rows, keys, row_scores(rows)):
+        acc = r["accuracy"]
+        tasks = r.get("tasks") or []
+        order = [t for t in tasks if t in acc] + [t for t in acc if t not in tasks]
+        datasets += [t for t in order if t not in datasets]
+        records.append({"label": labels[key], **acc, **score})
+
+    df = pd.DataFrame.from_records(records)
+    columns = datasets + [AVG, NORM]
+    grouped = df.groupby("label", sort=False)[columns]
+    refs = list(REFERENCE_LABELS)
+    ref_keys = sorted((k for k in unique if json.loads(k)["merge"] in refs), key=lambda k: refs.index(json.loads(k)["merge"]))
+    # methods in order of first appearance; each one's runs without SVC before those with it
+    merges = list(dict.fromkeys(json.loads(k)["merge"] for k in unique))
+    rest = sorted((k for k in unique if k not in ref_keys),
+                  key=lambda k: (merges.index(json.loads(k)["merge"]), bool(json.loads(k).get("svc"))))
+    order = [labels[k] for k in ref_keys] + [labels[k] for k in rest]
+    mean = grouped.mean().reindex(order)
+    std = grouped.std(ddof=1).reindex(order)
+    n = grouped.size().reindex(order)
+    config_by_label = {lab: json.loads(key) for key, lab in labels.items()}
+    return Table(mean=mean, std=std, n=n, configs=config_by_label, reference=order[: len(ref_keys)])
+
+
+# ----------------------------------------------------------------------------- rendering
+def _cell(mean: float, std: float, n: int, decimals: int, pm: str) -> str:
+    if math.isnan(mean):
+        return ""
+    text = f"{mean:.{decimals}f}"
+    if n > 1 and not math.isnan(std):
+        text += f"{pm}{std:.{decimals}f}"
+    return text
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def render(table: Table, fmt: str = "markdown", decimals: int = 2) -> str:
+    """The table as markdown, csv or latex text."""
+    if fmt not in ("markdown", "csv", "latex"):
+        raise ValueError(f"unknown format {fmt!r}: use markdown, csv or latex")
+    best = table.best(decimals)
+    show_n = bool((table.n > 1).any())
+    pm = {"markdown": " ± ", "csv": " ± ", "latex": r" $\pm$ "}[fmt]
+    header = ["Method"] + list(table.mean.columns) + (["n"] if show_n else [])
+    body = []
+    for label in table.mean.index:
+        cells = []
+        for col in table.mean.columns:
+            text = _cell(table.mean.at[label, col], table.std.at[label, col], int(table.n[label]), decimals, pm)
+            if text and best.at[label, col]:
+                text = {"markdown": f"**{text}**", "csv": f"{text}*", "latex": rf"\textbf{{{text}}}"}[fmt]
+            cells.append(text or ("" if fmt == "csv" else "-"))
+        body.append([label] + cells + ([str(int(table.n[label]))] if show_n else []))
+
+    if fmt == "csv":
+        return pd.DataFrame(body, columns=header).to_csv(index=False)
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines) + "\n"
+    lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+             " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    for i, r in enumerate(body):
+        lines.append(" & ".join([_latex_escape(r[0])] + r[1:]) + r" \\")
+        if i == len(table.reference) - 1 and len(body) > len(table.reference):
+            lines.append(r"\midrule")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m src.results", description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", nargs="?", default="logs", help="logs/<model>, a results.jsonl, or logs/ (all models)")
+    parser.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
+    parser.add_argument("--decimals", type=int, default=2)
+    parser.add_argument("--merge", nargs="+", help="only these merge methods (zero-shot/fine-tuned rows are kept)")
+    parser.add_argument("--out", help="write the table to this file instead of stdout")
+    parser.add_argument("--pool-checkpoints", action="store_true",
+                        help="average runs made on different checkpoints (e.g. several zoo seeds) into one row")
+    args = parser.parse_args(argv)
+    with warnings.catch_warnings(record=True) as caught:  # print warnings as plain lines
+        warnings.simplefilter("always")
+        try:
+            rows = load_results(args.path)
+        except FileNotFoundError as err:
+            parser.error(str(err))
+        if args.merge:
+            rows = [r for r in rows if r["merge"] in REFERENCE_LABELS or any(same_method(r["merge"], m) for m in args.merge)]
+        if not rows:
+            parser.error(f"no usable rows in {args.path}")
+        if args.pool_checkpoints:
+            rows = [{**r, "checkpoints": None} for r in rows]
+        text = render(summarize(rows), args.format, args.decimals)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Zero-shot heads from a tiny randomly initialised open_clip CLIP (real architecture, real tokenizer)."""
+import os
+
+import open_clip
+import pytest
+import torch
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from PIL import Image
+
+from src.datasets import templates as T
+from src.heads import build_zeroshot_head, get_classification_head, head_path
+
+
+def tiny_clip(seed: int = 0) -> CLIP:
+    torch.manual_seed(seed)
+    model = CLIP(embed_dim=16,
+                 vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=4, image_size=8),
+                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    with torch.no_grad():
+        model.logit_scale.fill_(2.0)  # exp(2) != exp(init), so the test sees the scale actually applied
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_clip()
+
+
+def reference_weights(model, classnames, templates):
+    """All prompts in one batch, then the per-class reduction: an independent route to the same numbers."""
+    texts = [t(c) for c in classnames for t in templates]
+    with torch.no_grad():
+        emb = model.encode_text(open_clip.tokenize(texts))
+    emb = emb / emb.norm(dim=-1, keepdim=True)
+    emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)
+    return emb / emb.norm(dim=-1, keepdim=True) * torch.exp(torch.tensor(2.0))
+
+
+def test_build_matches_reference(model):
+    names, templates = ["annual crop land", "forest", "river"], T.TEMPLATES["EuroSAT"]
+    head = build_zeroshot_head(model, open_clip.tokenize, names, templates)
+    assert head.normalize and head.weight.shape == (3, 16) and torch.count_nonzero(head.bias) == 0
+    torch.testing.assert_close(head.weight, reference_weights(model, names, templates), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head.weight.norm(dim=1), torch.full((3,), torch.exp(torch.tensor(2.0)).item()))
+
+
+def test_head_picks_matching_text(model):
+    names = ["cat", "dog", "car", "house"]
+    head = build_zeroshot_head(model, open_clip.tokenize, names, [lambda c: f"a photo of a {c}."])
+    with torch.no_grad():
+        text = model.encode_text(open_clip.tokenize([f"a photo of a {c}." for c in names]))
+        logits = head(5.0 * text)  # the head normalises its input, so the scale must not matter
+    assert logits.argmax(dim=1).tolist() == [0, 1, 2, 3]
+
+
+def test_fer2013_list_classnames_as_tsv(model):
+    assert T.TEMPLATES["FER2013"][0](["happy", "smiling"]) == "a photo of a ['happy', 'smiling'] looking face."
+    head = build_zeroshot_head(model, open_clip.tokenize, T.FER2013, T.TEMPLATES["FER2013"])
+    assert head.weight.shape == (7, 16)
+
+
+def test_build_rejects_bad_input(model):
+    with pytest.raises(ValueError, match="text tower"):
+        build_zeroshot_head(torch.nn.Linear(2, 2), open_clip.tokenize, ["a"], [lambda c: c])
+    with pytest.raises(ValueError, match="at least one"):
+        build_zeroshot_head(model, open_clip.tokenize, [], [lambda c: c])
+
+
+def test_get_head_builds_caches_and_loads(model, tmp_path):
+    ckpt = tmp_path / "checkpoints" / "ViT-B-32"
+    with pytest.raises(FileNotFoundError, match="head_MNIST.pt not found"):
+        get_classification_head("ViT-B-32", "MNIST", ckpt, str(tmp_path / "data"))
+    built = get_classification_head("ViT-B-32", "MNIST", ckpt, str(tmp_path / "data"), clip_model=model,
+                                    tokenizer=open_clip.tokenize)  # no data: registered class names
+    assert head_path(ckpt, "MNIST").is_file() and built.weight.shape == (10, 16)
+    torch.testing.assert_close(built.weight, reference_weights(model, T.DIGITS, T.TEMPLATES["MNIST"]))
+    loaded = get_classification_head("ViT-B-32", "MNIST", ckpt, str(tmp_path / "data"))  # from the cache
+    assert torch.equal(loaded.weight, built.weight) and loaded.normalize
+
+
+def test_get_head_uses_class_names_from_data(model, tmp_path):
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for name in ("banded", "zigzagged"):
+            os.makedirs(data / "dtd" / split / name)
+            for i in range(5):
+                Image.new("RGB", (8, 8)).save(data / "dtd" / split / name / f"{i}.png")
+    head = get_classification_head("ViT-B-32", "DTD", tmp_path / "ckpt", str(data), clip_model=model,
+                                   tokenizer=open_clip.tokenize)
+    assert head.weight.shape == (2, 16)  # the 2 folders, not the 47 registered DTD classes
+    torch.testing.assert_close(head.weight, reference_weights(model, ["banded", "zigzagged"], T.TEMPLATES["DTD"]))
