@@ -110,10 +110,9 @@ def default_tasks(model: str) -> str:
     return model if model in NAMED_SETS else "8"
 
 
-def load_task_vectors(ckpts, tasks: list[str]) -> list[TaskVector]:
+def load_task_vectors(ckpts, zeroshot, tasks: list[str]) -> list[TaskVector]:
     """Lazy task vectors: tensors are read per parameter, never K whole models."""
-    zeroshot = clip.load_state_dict(ckpts.zeroshot)
-    return [TaskVector(zeroshot, clip.load_state_dict(ckpts.finetuned[t])) for t in tasks]
+    return [TaskVector(zeroshot, ckpts.load_finetuned(t, zeroshot)) for t in tasks]
 
 
 def load_heads(args, ckpts, tasks: list[str]) -> dict:
@@ -163,7 +162,7 @@ def evaluate_finetuned(args, ckpts, encoder, heads, datasets: list[str]) -> dict
         base = name[:-3] if name.endswith("Val") else name
         if base not in ckpts.finetuned:
             raise SystemExit(f"no fine-tuned checkpoint for {base}: --eval-datasets must be among the merged tasks")
-        load_into(encoder, clip.load_state_dict(ckpts.finetuned[base]), source=str(ckpts.finetuned[base]))
+        load_into(encoder, ckpts.load_finetuned(base), source=str(ckpts.finetuned[base]))
         cache.update(evaluate(args, encoder, heads, [name]))
     utils.atomic_write_text(individual_path(args), json.dumps(cache, indent=1, sort_keys=True))
     return {name: cache[name] for name in datasets}
@@ -237,7 +236,7 @@ def run(args) -> dict:
     ckpts.check(args.model)
 
     with utils.timer(times, "load_seconds"):
-        zeroshot_sd = clip.load_state_dict(ckpts.zeroshot, model_name=args.model)
+        zeroshot_sd = ckpts.load_zeroshot(args.model)
         encoder = clip.build_image_encoder(args.model, zeroshot_sd)
         heads = load_heads(args, ckpts, datasets)
     record: dict = {"model": args.model, "merge": merge, "svc": False, "alpha": None, "scaling_coef": None,
@@ -257,7 +256,7 @@ def run(args) -> dict:
     options = merge_func.resolve_options(merge, config)
     options.pop("device", None)
     record["options"] = options
-    tvs = load_task_vectors(ckpts, tasks)
+    tvs = load_task_vectors(ckpts, zeroshot_sd, tasks)
     auto_coef, auto_alpha = args.scaling_coef == "auto", args.alpha == "auto"
     if auto_coef:
         config.scaling_coef = 1.0  # every method's update is linear in its coefficient

@@ -90,8 +90,27 @@ def merge_method(name: str):
 # --- shared helpers ---------------------------------------------------------------
 
 def _stacked(task_vectors: Sequence[TaskVector], key: str) -> Tensor:
-    """K x ... float32 stack of one parameter across tasks (the only per-key memory cost)."""
-    return torch.stack([tv.vector[key].float() for tv in task_vectors])
+    """K x ... float32 stack of one parameter across tasks (the only per-key memory cost),
+    filled task by task so that no second copy of the K tensors is ever held."""
+    first = task_vectors[0].vector[key]
+    out = torch.empty((len(task_vectors), *first.shape), dtype=torch.float32)
+    out[0] = first
+    for i, tv in enumerate(task_vectors[1:], 1):
+        out[i] = tv.vector[key]
+    return out
+
+
+def _summed(task_vectors: Sequence[TaskVector], scale: float) -> TaskVector:
+    """``scale`` x the sum of the task vectors, accumulated one task at a time: linear
+    methods need one copy of a parameter, not K (a 49408 x 512 token embedding at K = 20
+    is 2 GiB)."""
+    merged = {}
+    for key in task_vectors[0].vector:
+        total = task_vectors[0].vector[key].float().clone()
+        for tv in task_vectors[1:]:
+            total += tv.vector[key]
+        merged[key] = total.mul_(scale)
+    return TaskVector(vector=merged)
 
 
 def _per_key(task_vectors: Sequence[TaskVector], fn: Callable[[str, Tensor], Tensor]) -> TaskVector:
@@ -115,14 +134,14 @@ def _key_filter(name: str) -> Callable:
 def weight_average(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0) -> TaskVector:
     """Weight averaging (Wortsman et al., "Model soups", ICML 2022): ``scaling_coef`` x the
     mean of the task vectors, on every key. Default coefficient 1."""
-    return _per_key(task_vectors, lambda key, d: scaling_coef * d.mean(0))
+    return _summed(task_vectors, scaling_coef / len(task_vectors))
 
 
 @merge_method("TA")
 def task_arithmetic(task_vector_avg, task_vectors, *, scaling_coef: float = 0.3) -> TaskVector:
     """Task Arithmetic (Ilharco et al., ICLR 2023): ``scaling_coef`` x the sum of the task
     vectors, on every key. Default 0.3, as the official SVC code and FusionBench."""
-    return _per_key(task_vectors, lambda key, d: scaling_coef * d.sum(0))
+    return _summed(task_vectors, scaling_coef)
 
 
 def _ties_elect_and_merge(trimmed: Tensor, majority: Tensor | None, merge: str) -> Tensor:

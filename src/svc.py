@@ -97,8 +97,9 @@ def _calibration(merged: Tensor, task_deltas, alpha: float, target: int | None, 
     u, sigma, vh = _decompose(m, decomposition)
     # One batched GEMM for all tasks and ranks: row r of proj[i] is a_i = u_r^T D_i.
     proj = torch.matmul(u.mT, d)                                   # K x k x n
-    inner = sigma * (proj * vh).sum(-1)                            # <a_m, a_i>, a_m = sigma_r v_r^T
-    norm2 = proj.square().sum(-1).clamp_min(EPS)                   # ||a_i||^2
+    # Row-wise reductions without K x k x n temporaries:
+    inner = sigma * torch.einsum("ikn,kn->ik", proj, vh)          # <a_m, a_i>, a_m = sigma_r v_r^T
+    norm2 = torch.linalg.vector_norm(proj, dim=-1).square().clamp_min(EPS)  # ||a_i||^2
     s = inner / norm2                                              # K x k
     if target is None:
         eta = s.clamp_min(alpha).mean(0)

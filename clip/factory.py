@@ -1,0 +1,120 @@
+"""Build open_clip models by name (``pretrained=None``) and fill them from a state dict.
+
+CLIP names (ViT-B-32, ViT-B-16, ViT-L-14) use QuickGELU, as the OpenAI weights that the
+task_vectors / TSV / FusionBench checkpoints were fine-tuned from. Names in
+``clip.demo.DEMO_MODELS`` (the embedded offline benchmark) are delegated to ``clip.demo``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Mapping
+
+import open_clip
+import torch
+from torch import Tensor
+
+from clip.checkpoint import TEXT_SIDE_KEYS, CheckpointError
+
+CLIP_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _demo(name: str):
+    """The ``clip.demo`` module if ``name`` is a demo model, else None."""
+    try:
+        from clip import demo
+    except ModuleNotFoundError as e:
+        if e.name != "clip.demo":
+            raise
+        if name.startswith("demo"):
+            raise ValueError(f"model {name!r} belongs to the embedded benchmark, but clip/demo.py is missing "
+                             "from this checkout; update the repository") from None
+        return None
+    return demo if name in demo.DEMO_MODELS else None
+
+
+def _check_name(name: str) -> None:
+    if name not in CLIP_MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(CLIP_MODELS)} or a demo model")
+
+
+def create_model(name: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """An open_clip ``CLIP`` of architecture ``name`` with random weights (nothing downloaded).
+
+    ``device="meta"`` builds shapes only (instant, no memory).
+    """
+    demo = _demo(name)
+    if demo is not None:
+        return demo.create_demo_model(name).to(device)
+    _check_name(name)
+    with torch.device(device):
+        return open_clip.create_model(name, pretrained=None, force_quick_gelu=True, device=device)
+
+
+def get_tokenizer(name: str):
+    demo = _demo(name)
+    if demo is not None:
+        return demo.get_demo_tokenizer(name)
+    _check_name(name)
+    return open_clip.get_tokenizer(name)
+
+
+def get_preprocess(name: str):
+    """``(train_preprocess, val_preprocess)`` as pickled in task_vectors' ImageEncoder."""
+    demo = _demo(name)
+    if demo is not None:
+        return demo.get_demo_preprocess(name)
+    _check_name(name)
+    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    kw = dict(mean=OPENAI_MEAN, std=OPENAI_STD, resize_mode="shortest", interpolation="bicubic")
+    return open_clip.image_transform(size, is_train=True, **kw), open_clip.image_transform(size, is_train=False, **kw)
+
+
+def load_into(module: torch.nn.Module, state_dict: Mapping[str, Tensor], *, source: str = "state dict") -> None:
+    """Copy ``state_dict`` into ``module`` one tensor at a time (no second full copy).
+
+    Every visual key must be present with the right shape; missing text-side keys (not used
+    for images, absent from Hugging Face vision-only folders) only warn.
+    """
+    source = str(getattr(state_dict, "path", source))
+    target = module.state_dict()
+    missing = [k for k in target if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in target]
+    bad_shape = [(k, tuple(state_dict.info(k)[0]) if hasattr(state_dict, "info") else tuple(state_dict[k].shape),
+                  tuple(target[k].shape)) for k in target if k in state_dict]
+    bad_shape = [b for b in bad_shape if b[1] != b[2]]
+    hard_missing = [k for k in missing if k not in TEXT_SIDE_KEYS]
+    if hard_missing or unexpected or bad_shape:
+        parts = []
+        if hard_missing:
+            parts.append(f"{len(hard_missing)} missing keys (first {hard_missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first {unexpected[:3]})")
+        if bad_shape:
+            k, got, want = bad_shape[0]
+            parts.append(f"{len(bad_shape)} shape mismatches (first {k!r}: {got} in the checkpoint, {want} in the model)")
+        raise CheckpointError(f"{source} does not fit this model: " + "; ".join(parts)
+                              + ". Is --model the architecture the checkpoint was trained with?")
+    if missing:
+        warnings.warn(f"{source} lacks text-side keys {missing}; they keep random values (image features are "
+                      "unaffected)", stacklevel=2)
+    with torch.no_grad():
+        for k, t in target.items():
+            if k in state_dict:
+                t.copy_(state_dict[k])
+
+
+def build_image_encoder(name: str, state_dict: Mapping[str, Tensor] | None = None):
+    """``src.modeling.ImageEncoder`` of architecture ``name`` (text transformer dropped), loaded from
+    ``state_dict`` (a mapping, or a path read with ``clip.load_state_dict``)."""
+    from clip.checkpoint import load_state_dict
+    from src.modeling import ImageEncoder
+
+    train_tf, val_tf = get_preprocess(name)
+    encoder = ImageEncoder(create_model(name), keep_lang=False, train_preprocess=train_tf, val_preprocess=val_tf)
+    if state_dict is not None:
+        if not isinstance(state_dict, Mapping):
+            state_dict = load_state_dict(state_dict)
+        load_into(encoder, state_dict)
+    return encoder

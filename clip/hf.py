@@ -1,0 +1,174 @@
+"""Hugging Face ``CLIPModel`` / ``CLIPVisionModel`` <-> open_clip key mapping.
+
+HF splits attention into q/k/v projections; open_clip stacks them (rows q, k, v) into
+``attn.in_proj_weight``/``in_proj_bias``. ``visual_projection.weight`` (out x in) is the
+transpose of open_clip's ``visual.proj``; the rest is renaming. Both use QuickGELU and LayerNorm
+eps 1e-5 for OpenAI-style weights, so no rescaling is needed. The text transformer is not
+mapped (it is not part of the image encoder's state dict); the text-side embeddings,
+``ln_final``, ``text_projection`` and ``logit_scale`` are.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from clip.checkpoint import (CheckpointError, StateDict, _Derived, flat_tensors, read_pickle, read_safetensors)
+
+_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+          "self_attn.out_proj": "attn.out_proj"}
+_VISION = {"embeddings.class_embedding": "class_embedding",
+           "embeddings.patch_embedding.weight": "conv1.weight",
+           "embeddings.position_embedding.weight": "positional_embedding",
+           "pre_layrnorm.weight": "ln_pre.weight", "pre_layrnorm.bias": "ln_pre.bias",
+           "post_layernorm.weight": "ln_post.weight", "post_layernorm.bias": "ln_post.bias"}
+_TEXT = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+         "text_model.embeddings.position_embedding.weight": "positional_embedding",
+         "text_model.final_layer_norm.weight": "ln_final.weight",
+         "text_model.final_layer_norm.bias": "ln_final.bias",
+         "logit_scale": "logit_scale"}
+_BLOCK = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def hf_plan(hf_keys) -> dict[str, tuple[str, list[str]]]:
+    """open_clip key -> (op, HF source keys), op in {"copy", "qkv", "T"}. Unmapped keys raise."""
+    hf_keys = list(hf_keys)
+    # transformers >= 5 saves CLIPVisionModel without the "vision_model." prefix
+    bare = not any(k.startswith("vision_model.") for k in hf_keys) and any(k.startswith("embeddings.") for k in hf_keys)
+    orig = {("vision_model." + k if bare else k): k for k in hf_keys}
+    keys = set(orig)
+    plan: dict[str, tuple[str, list[str]]] = {}
+    for k in sorted(keys):
+        if k.endswith("position_ids"):
+            continue  # integer buffer, rebuilt by the model
+        if k.startswith("vision_model.") and k[len("vision_model."):] in _VISION:
+            plan["visual." + _VISION[k[len("vision_model."):]]] = ("copy", [k])
+        elif k in _TEXT:
+            plan[_TEXT[k]] = ("copy", [k])
+        elif k == "visual_projection.weight":
+            plan["visual.proj"] = ("T", [k])
+        elif k == "text_projection.weight":
+            plan["text_projection"] = ("T", [k])
+        elif k.startswith("text_model."):
+            continue  # text transformer: not part of the image encoder state dict
+        elif m := _BLOCK.match(k):
+            i, name, kind = m.groups()
+            out = f"visual.transformer.resblocks.{i}."
+            if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                src = [f"vision_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}" for p in "qkv"]
+                missing = [s for s in src if s not in keys]
+                if missing:
+                    raise CheckpointError(f"Hugging Face checkpoint has {k} but not {missing}")
+                plan[out + f"attn.in_proj_{kind}"] = ("qkv", src)
+            elif name in _LAYER:
+                plan[out + f"{_LAYER[name]}.{kind}"] = ("copy", [k])
+            else:
+                raise CheckpointError(f"unknown Hugging Face CLIP key {k!r}")
+        else:
+            raise CheckpointError(f"unknown Hugging Face CLIP key {k!r}")
+    return {k: (op, [orig[s] for s in src]) for k, (op, src) in plan.items()}
+
+
+def _apply(op: str, *tensors: Tensor) -> Tensor:
+    if op == "qkv":
+        return torch.cat(tensors, dim=0)
+    if op == "T":
+        return tensors[0].t().contiguous()
+    return tensors[0]
+
+
+def hf_to_open_clip(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Eager conversion of a HF CLIP state dict to open_clip keys (no ``model.`` prefix)."""
+    return {k: _apply(op, *[state_dict[s] for s in src]) for k, (op, src) in hf_plan(state_dict.keys()).items()}
+
+
+def open_clip_to_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of ``hf_to_open_clip`` for the mapped keys (q/k/v split in three equal row blocks)."""
+    inv_vision = {v: k for k, v in _VISION.items()}
+    inv_text = {v: k for k, v in _TEXT.items()}
+    inv_layer = {v: k for k, v in _LAYER.items()}
+    out = {}
+    for k, t in state_dict.items():
+        k = k.removeprefix("model.")
+        if k.startswith("visual.transformer.resblocks."):
+            i, rest = k[len("visual.transformer.resblocks."):].split(".", 1)
+            base = f"vision_model.encoder.layers.{i}."
+            name, kind = rest.rsplit(".", 1)
+            if name == "attn" and kind.startswith("in_proj_"):
+                kind = kind[len("in_proj_"):]
+                for p, chunk in zip("qkv", t.chunk(3, dim=0)):
+                    out[f"{base}self_attn.{p}_proj.{kind}"] = chunk.clone()
+            else:
+                out[f"{base}{inv_layer[name]}.{kind}"] = t
+        elif k.startswith("visual.") and k[len("visual."):] in inv_vision:
+            out["vision_model." + inv_vision[k[len("visual."):]]] = t
+        elif k == "visual.proj":
+            out["visual_projection.weight"] = t.t().contiguous()
+        elif k == "text_projection":
+            out["text_projection.weight"] = t.t().contiguous()
+        elif k in inv_text:
+            out[inv_text[k]] = t
+    return out
+
+
+# ----------------------------------------------------------------------------- folders
+def is_hf_folder(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            return [folder / s for s in shards]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    raise CheckpointError(f"{folder}: Hugging Face folder without weights: expected model.safetensors, "
+                          "pytorch_model.bin or a sharded *.index.json next to config.json")
+
+
+def load_hf_folder(folder: Path, *, check_finite: bool = True) -> StateDict:
+    """Lazy StateDict (``model.`` + open_clip keys) of a HF CLIPModel/CLIPVisionModel folder."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in ("clip", "clip_vision_model"):
+        raise CheckpointError(f"{folder}: config.json model_type is {model_type!r}; only Hugging Face CLIP "
+                              "(CLIPModel, CLIPVisionModel) folders are supported")
+    act = (config.get("vision_config") or config).get("hidden_act", "quick_gelu")
+    if act != "quick_gelu":
+        raise CheckpointError(f"{folder}: vision hidden_act is {act!r}, but open_clip ViT-B/L CLIP models here "
+                              "use QuickGELU; this is not an OpenAI-style CLIP checkpoint")
+    raw, files = {}, []
+    for wf in _weight_files(folder):
+        if not wf.is_file():
+            raise CheckpointError(f"{wf}: shard listed in the index is missing; download the folder again")
+        if wf.suffix == ".safetensors":
+            entries, _, file = read_safetensors(wf)
+            files.append(file)
+        else:
+            obj, fs = read_pickle(wf)
+            entries = {k: v.entry() for k, v in flat_tensors(obj, wf).items()}
+            files += fs
+        raw.update(entries)
+    entries = {}
+    for key, (op, src) in hf_plan(raw.keys()).items():
+        parts = [raw[s] for s in src]
+        if op == "copy":
+            entries["model." + key] = parts[0]
+        else:
+            shape = list(parts[0].shape)
+            if op == "qkv":
+                shape[0] = sum(p.shape[0] for p in parts)
+            else:
+                shape = shape[::-1]
+            entries["model." + key] = _Derived(lambda *t, op=op: _apply(op, *t), parts, shape, parts[0].dtype)
+    if not any(k.startswith("model.visual.") for k in entries):
+        raise CheckpointError(f"{folder}: no vision tower weights found")
+    return StateDict(folder, entries, files=files, check_finite=check_finite,
+                     meta={"format": "huggingface", "model_type": model_type})
