@@ -1,0 +1,132 @@
+"""Quality of the embedded demo benchmark over several zoo seeds (the README table).
+
+For each seed: build or reuse the `demo` zoo, then evaluate on the generated test splits, through the
+pipeline's own code (clip loaders, TaskVector, merge_func, src.svc, src.tuning, src.eval):
+zero-shot, individual fine-tuned, TA 0.3, TA with its coefficient chosen on the val splits, TIES, TSV-M
+and Iso-C (registry defaults), each without SVC and with SVC at alpha = 1/K and alpha = 1.
+
+    python benchmarks/demo_quality.py --seeds 0 1 2 --checkpoint-dir checkpoints/demo-seeds
+Seed 0 builds into <checkpoint-dir>/seed0/demo, etc.; results go to --out as JSON and a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import clip  # noqa: E402
+import merge_func  # noqa: E402
+from src.datasets.registry import get_dataset  # noqa: E402
+from src.demo.zoo import CONFIGS, ensure_zoo  # noqa: E402
+from src.eval import evaluate  # noqa: E402
+from src.svc import svc  # noqa: E402
+from src.task_vectors import TaskVector  # noqa: E402
+from src.tuning import apply_in_place, default_grid, select_coefficient  # noqa: E402
+
+METHODS = ("TA", "TIES", "TSV-M", "Iso-C")
+
+
+def _loaders(tasks, split: str, preprocess) -> dict[str, DataLoader]:
+    """Preprocess each split once (same tensors as the dataset's own loader), then reuse it."""
+    out = {}
+    for task in tasks:
+        ds = get_dataset(task if split == "test" else f"{task}Val", preprocess, "unused", num_workers=0).test_dataset
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        y = torch.tensor([ds[i][1] for i in range(len(ds))])
+        out[task] = DataLoader(TensorDataset(x, y), batch_size=500)
+    return out
+
+
+def run_seed(seed: int, base: Path, model: str = "demo") -> dict:
+    path = ensure_zoo(model, str(base / f"seed{seed}"), seed=seed)
+    tasks = list(CONFIGS[model].tasks)
+    K = len(tasks)
+    zs = {k: v.clone() for k, v in clip.load_state_dict(path / "zeroshot.pt").items()}
+    fts = {t: clip.load_state_dict(path / t / "finetuned.pt") for t in tasks}
+    tvs = [TaskVector(zs, fts[t]).materialize() for t in tasks]
+    heads = {t: clip.load_head(path / f"head_{t}.pt") for t in tasks}
+    enc = clip.build_image_encoder(model, zs).eval()
+    params = enc.state_dict()
+    _, val_tf = clip.get_preprocess(model)
+    test, val = _loaders(tasks, "test", val_tf), _loaders(tasks, "val", val_tf)
+
+    def acc(loaders, only=None):
+        return {t: evaluate(enc, heads[t], loaders[t], "cpu", progress=False) for t in (only or tasks)}
+
+    def with_update(update, loaders):
+        apply_in_place(params, zs, update, 1.0)
+        return acc(loaders)
+
+    res: dict = {"seed": seed, "tasks": tasks, "methods": {}}
+    t0 = time.time()
+    res["methods"]["zeroshot"] = acc(test)
+    ind_test, ind_val = {}, {}
+    for i, t in enumerate(tasks):
+        apply_in_place(params, zs, tvs[i], 1.0)
+        ind_test[t] = acc(test, [t])[t]
+        ind_val[t] = acc(val, [t])[t]
+    res["methods"]["individual"] = ind_test
+    alphas = {"": None, "+SVC a=1/K": 1.0 / K, "+SVC a=1": 1.0}
+
+    def calibrated(merged, alpha):
+        return merged if alpha is None else svc(merged, tvs, alpha)
+
+    for name in METHODS:
+        fn = merge_func.get_merge_method(name)
+        merged = fn(None, tvs, SimpleNamespace())
+        label = "TA 0.3" if name == "TA" else name
+        for suffix, alpha in alphas.items():
+            res["methods"][label + suffix] = with_update(calibrated(merged, alpha), test)
+    # TA with the coefficient chosen on val (separately with and without SVC), normalised criterion
+    ta = merge_func.get_merge_method("TA")
+    for suffix, alpha in alphas.items():
+        def score(c, alpha=alpha):
+            return with_update(calibrated(ta(None, tvs, SimpleNamespace(scaling_coef=c)), alpha), val)
+        sel = select_coefficient(default_grid("TA"), score, individual=ind_val)
+        res["methods"][f"TA val{suffix}"] = with_update(
+            calibrated(ta(None, tvs, SimpleNamespace(scaling_coef=sel.best)), alpha), test)
+        res.setdefault("ta_val_coef", {})[suffix or "plain"] = sel.best
+    res["eval_seconds"] = time.time() - t0
+    res["zoo"] = json.loads((path / "zoo.json").read_text())["stats"]
+    return res
+
+
+def table(results: list[dict]) -> str:
+    names = list(results[0]["methods"])
+    lines = ["| method | " + " | ".join(f"seed {r['seed']}" for r in results) + " | mean | std |",
+             "|---|" + "---|" * (len(results) + 2)]
+    for n in names:
+        avgs = [statistics.mean(r["methods"][n].values()) for r in results]
+        sd = statistics.stdev(avgs) if len(avgs) > 1 else 0.0
+        lines.append(f"| {n} | " + " | ".join(f"{a:.1f}" for a in avgs) + f" | {statistics.mean(avgs):.1f} | {sd:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--checkpoint-dir", default="checkpoints/demo-seeds")
+    p.add_argument("--out", default="benchmarks/results/demo_quality.json")
+    p.add_argument("--model", default="demo", choices=list(CONFIGS), help="demo-micro: a quick smoke run")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    results = []
+    for seed in a.seeds:
+        results.append(run_seed(seed, Path(a.checkpoint_dir), a.model))
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(results, indent=1))
+        print(table(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()

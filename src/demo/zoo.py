@@ -1,0 +1,430 @@
+"""Builds the checkpoint zoo of the embedded demo benchmark.
+
+Stages: generate data -> contrastive pretraining of a small CLIP on clean captioned images
+(-> zeroshot.pt) -> zero-shot heads from the text tower and the task templates (-> head_<Task>.pt)
+-> fine-tuning of the image encoder on each task with its head frozen, task_vectors recipe
+(AdamW, linear warmup + cosine, grad-norm clip 1.0) (-> <Task>/finetuned.pt) -> a quality report
+(zero-shot, fine-tuned and task-arithmetic accuracies) stored with the build signature in zoo.json.
+
+Files follow the real release layout under <base_dir>/<model>/ and the key convention of the
+pipeline (`model.` + open_clip CLIP keys, text transformer removed), so everything downstream
+runs unchanged.  Usage: python -m src.demo.zoo --model demo [--rebuild] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from clip.demo import DEMO_MODELS, create_demo_model, get_demo_tokenizer, to_input
+from src.demo import tasks as T
+
+ZOO_VERSION = 1  # bump when generated data or the recipe change in a way the config does not capture
+HEAD_SCALE = 100.0  # exp(logit_scale) of the released heads, as OpenAI CLIP's final value
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    tasks: tuple[str, ...]
+    pretrain_per_task: int  # clean captioned images per task
+    pretrain_steps: int
+    pretrain_batch: int
+    pretrain_lr: float
+    ft_steps: int
+    ft_batch: int
+    ft_lr: float
+    weight_decay: float = 0.1
+    warmup: float = 0.1  # fraction of steps
+    grad_clip: float = 1.0
+    threads: int = 1  # results depend on the float reduction order: record it
+    version: int = ZOO_VERSION
+
+
+CONFIGS: dict[str, ZooConfig] = {
+    "demo": ZooConfig(tasks=T.TASK_NAMES, pretrain_per_task=6000, pretrain_steps=900, pretrain_batch=256,
+                      pretrain_lr=1.5e-3, ft_steps=200, ft_batch=128, ft_lr=5e-4),
+    # plumbing only (tests, CI): seconds to build, accuracy not meaningful
+    "demo-micro": ZooConfig(tasks=("Digits", "Shapes", "Colors"), pretrain_per_task=256, pretrain_steps=80,
+                            pretrain_batch=64, pretrain_lr=2e-3, ft_steps=16, ft_batch=32, ft_lr=5e-4),
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+def encoder_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """ImageEncoder keys: `model.` + CLIP keys, the text transformer dropped (as in the real files)."""
+    return {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()
+            if not k.startswith("transformer.")}
+
+
+def _schedule(step: int, total: int, lr: float, warmup: float) -> float:
+    w = max(1, int(warmup * total))
+    if step < w:
+        return lr * (step + 1) / w
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
+
+
+def _translate(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random per-image translation by up to `pad` pixels with edge padding (uint8 NHWC batch)."""
+    n, h, w, _ = x.shape
+    xp = F.pad(x.permute(0, 3, 1, 2).float(), (pad, pad, pad, pad), mode="replicate")
+    off = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
+    iy = (off[:, 0, None] + torch.arange(h))[:, :, None].expand(n, h, w)
+    ix = (off[:, 1, None] + torch.arange(w))[:, None, :].expand(n, h, w)
+    out = xp[torch.arange(n)[:, None, None], :, iy, ix]  # n, h, w, c
+    return out.round().to(torch.uint8)
+
+
+def _inputs(x_uint8: torch.Tensor) -> torch.Tensor:
+    return to_input(x_uint8.numpy())
+
+
+def _adamw(params, lr: float, wd: float) -> torch.optim.AdamW:
+    # task_vectors applies weight decay to every trainable parameter
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+
+
+# ----------------------------------------------------------------------------- stages
+def pretrain(model, tokenizer, cfg: ZooConfig, seed: int, log) -> dict:
+    """CLIP contrastive pretraining on clean captioned images of every task domain."""
+    t0 = time.time()
+    imgs, caps = T.pretrain_data(cfg.tasks, cfg.pretrain_per_task, seed)
+    uniq, inverse = np.unique(np.array(caps), return_inverse=True)
+    cap_idx = torch.from_numpy(inverse.reshape(-1))
+    tokens = tokenizer(list(uniq))
+    x_all = torch.from_numpy(imgs)
+    log(f"pretraining data: {len(caps)} images, {len(uniq)} distinct captions ({time.time() - t0:.1f} s)")
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = _adamw(model.parameters(), cfg.pretrain_lr, cfg.weight_decay)
+    model.train()
+    perm, pos = torch.randperm(len(caps), generator=g), 0
+    losses = []
+    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain", unit="step", leave=False)
+    for step in bar:
+        if pos + cfg.pretrain_batch > len(perm):
+            perm, pos = torch.randperm(len(caps), generator=g), 0
+        idx = perm[pos:pos + cfg.pretrain_batch]
+        pos += cfg.pretrain_batch
+        for group in opt.param_groups:
+            group["lr"] = _schedule(step, cfg.pretrain_steps, cfg.pretrain_lr, cfg.warmup)
+        img = F.normalize(model.encode_image(_inputs(_translate(x_all[idx], g))), dim=-1)
+        # one text per distinct caption in the batch; duplicates share the target column
+        ci = cap_idx[idx]
+        u, inv = torch.unique(ci, return_inverse=True)
+        txt = F.normalize(model.encode_text(tokens[u]), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T  # B x U
+        loss_i = F.cross_entropy(logits, inv)
+        # text -> image: each distinct caption against all images; targets spread over its images
+        target = (inv[None, :] == torch.arange(len(u))[:, None]).float()
+        loss_t = -(target / target.sum(1, keepdim=True) * logits.T.log_softmax(-1)).sum(1).mean()
+        loss = (loss_i + loss_t) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
+    learned_scale = model.logit_scale.exp().item()
+    with torch.no_grad():  # the released heads carry exp(logit_scale) = 100 (see HEAD_SCALE)
+        model.logit_scale.fill_(math.log(HEAD_SCALE))
+    model.eval()
+    return {"seconds": time.time() - t0, "final_loss": float(np.mean(losses[-20:])),
+            "learned_logit_scale": learned_scale}
+
+
+def zeroshot_head(model, tokenizer, task: str):
+    """The task's zero-shot head, built by the pipeline's own head builder when it exists."""
+    spec = T.TASKS[task]
+    try:
+        from src.heads import build_zeroshot_head
+    except ImportError:
+        build_zeroshot_head = None
+    if build_zeroshot_head is not None:
+        return build_zeroshot_head(model, tokenizer, list(spec.classnames), list(spec.templates))
+    # fallback with the same arithmetic: mean of normalised template embeddings, renormalised, * scale
+    with torch.no_grad():
+        w = []
+        for c in spec.classnames:
+            e = F.normalize(model.encode_text(tokenizer([t(c) for t in spec.templates])), dim=-1).mean(0)
+            w.append(F.normalize(e, dim=-1))
+        return torch.stack(w) * model.logit_scale.exp()
+
+
+def head_weight(head) -> torch.Tensor:
+    return (head.weight if hasattr(head, "weight") else head).detach()
+
+
+def save_head(head, path: Path) -> None:
+    try:
+        from clip import save_head as _save
+    except ImportError:
+        _save = None
+    if _save is not None and not isinstance(head, torch.Tensor):
+        _save(head, path)
+    else:
+        torch.save({"weight": head_weight(head).clone(), "normalize": True}, path)
+
+
+def head_cosine(w: torch.Tensor) -> float:
+    """Mean off-diagonal cosine between class embeddings (1.0 = classes indistinguishable)."""
+    w = F.normalize(w.float(), dim=-1)
+    c = w @ w.T
+    n = len(w)
+    return float((c.sum() - c.diag().sum()) / (n * (n - 1)))
+
+
+@torch.no_grad()
+def accuracy(model, w: torch.Tensor, task: str, split: str, batch: int = 500) -> float:
+    """Top-1 % of normalise(encode_image) @ w.T on a generated split (the benchmark's fixed data)."""
+    x, y = T.generate(task, split)
+    correct = 0
+    for i in range(0, len(y), batch):
+        f = F.normalize(model.encode_image(to_input(x[i:i + batch])), dim=-1)
+        correct += int(((f @ w.T).argmax(1) == torch.from_numpy(y[i:i + batch])).sum())
+    return 100.0 * correct / len(y)
+
+
+def finetune(model, w: torch.Tensor, task: str, cfg: ZooConfig, seed: int) -> dict:
+    """Fine-tunes model.visual on the task's train split with the zero-shot head `w` frozen."""
+    t0 = time.time()
+    x, y = T.generate(task, "train")
+    x, y = torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
+    g = torch.Generator().manual_seed(seed * 1000 + T.TASK_NAMES.index(task))
+    params = list(model.visual.parameters())
+    opt = _adamw(params, cfg.ft_lr, cfg.weight_decay)
+    model.train()
+    perm, pos, losses = torch.randperm(len(y), generator=g), 0, []
+    bar = tqdm(range(cfg.ft_steps), desc=f"finetune {task}", unit="step", leave=False)
+    for step in bar:
+        if pos + cfg.ft_batch > len(perm):
+            perm, pos = torch.randperm(len(y), generator=g), 0
+        idx = perm[pos:pos + cfg.ft_batch]
+        pos += cfg.ft_batch
+        for group in opt.param_groups:
+            group["lr"] = _schedule(step, cfg.ft_steps, cfg.ft_lr, cfg.warmup)
+        f = F.normalize(model.encode_image(_inputs(_translate(x[idx], g))), dim=-1)
+        loss = F.cross_entropy(f @ w.T, y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+    model.eval()
+    return {"seconds": time.time() - t0, "final_loss": float(np.mean(losses[-10:]))}
+
+
+@torch.no_grad()
+def task_arithmetic_report(model_name: str, zs: dict, fts: dict, heads: dict, tasks, seed: int,
+                           grid=tuple(np.round(np.arange(0.05, 1.001, 0.05), 2))) -> dict:
+    """TA (pretrained + lam * sum of task vectors), lam chosen on val: a build-time sanity check."""
+    model = create_demo_model(model_name).eval()
+    taus = {k: sum(fts[t][k] - zs[k] for t in tasks) for k in zs if zs[k].is_floating_point()}
+
+    def load(lam):
+        sd = {k[len("model."):]: (zs[k] + lam * taus[k] if k in taus else zs[k]) for k in zs}
+        model.load_state_dict(sd, strict=False)
+
+    val = {}
+    for lam in grid:
+        load(lam)
+        val[float(lam)] = float(np.mean([accuracy(model, heads[t], t, "val") for t in tasks]))
+    best = max(val, key=val.get)
+    out = {"val_curve": val, "best_lambda": best}
+    for lam, name in ((0.3, "ta_0.3"), (best, "ta_val_tuned")):
+        load(lam)
+        out[name] = {t: accuracy(model, heads[t], t, "test") for t in tasks}
+    return out
+
+
+# ----------------------------------------------------------------------------- build / reuse
+def _signature(model_name: str, cfg: ZooConfig, seed: int) -> dict:
+    # JSON round trip so that it compares equal to the stored copy (tuples become lists)
+    return json.loads(json.dumps({"model": model_name, "seed": seed, "config": dataclasses.asdict(cfg),
+            "vocab_size": get_demo_tokenizer(model_name).vocab_size, "torch": torch.__version__}))
+
+
+def _pretrain_signature(model_name: str, cfg: ZooConfig, seed: int) -> dict:
+    keep = ("tasks", "pretrain_per_task", "pretrain_steps", "pretrain_batch", "pretrain_lr", "weight_decay",
+            "warmup", "grad_clip", "threads", "version")
+    sig = _signature(model_name, cfg, seed)
+    sig["config"] = {k: v for k, v in sig["config"].items() if k in keep}
+    return sig
+
+
+def _pretrain_cached(out: Path, cfg: ZooConfig, sig: dict) -> bool:
+    try:
+        stored = json.loads((out / "pretrain.json").read_text())["signature"]
+    except (OSError, ValueError, KeyError):
+        return False
+    files = [out / "zeroshot.pt"] + [out / f"head_{t}.pt" for t in cfg.tasks]
+    return stored == sig and all(f.exists() for f in files)
+
+
+def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConfig | None = None,
+              report: bool = True, reuse_pretrain: bool = True) -> Path:
+    """Builds the zoo into <base_dir>/<model_name>/ and returns that folder. The pretraining stage
+    (zeroshot.pt and heads) is reused when its part of the config is unchanged, unless
+    `reuse_pretrain` is False."""
+    if model_name not in DEMO_MODELS:
+        raise ValueError(f"no demo zoo for model {model_name!r}; choose one of {', '.join(DEMO_MODELS)}")
+    cfg = cfg or CONFIGS[model_name]
+    out = Path(base_dir) / model_name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "zoo.json").unlink(missing_ok=True)  # an interrupted build must not look complete
+    log = tqdm.write
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        t_start = time.time()
+        stats: dict = {"stages": {}}
+        log(f"[demo zoo] building {model_name} (seed {seed}) into {out}; "
+            f"rough estimate on 1 CPU thread: {_estimate(model_name, cfg):.0f} s")
+        t0 = time.time()
+        for task in cfg.tasks:
+            for split in T.SPLITS:
+                T.generate(task, split)
+        stats["stages"]["data"] = time.time() - t0
+        log(f"[demo zoo] data: {stats['stages']['data']:.1f} s")
+
+        torch.manual_seed(seed)
+        model = create_demo_model(model_name)
+        tokenizer = get_demo_tokenizer(model_name)
+        pre_sig = _pretrain_signature(model_name, cfg, seed)
+        heads, weights = {}, {}
+        if reuse_pretrain and _pretrain_cached(out, cfg, pre_sig):
+            # the pretraining stage is unchanged: reuse zeroshot.pt and the heads it produced
+            from clip import load_head
+            zs = torch.load(out / "zeroshot.pt", weights_only=True)
+            model.load_state_dict({k[len("model."):]: v for k, v in zs.items()}, strict=False)
+            model.eval()
+            stats["pretrain"] = json.loads((out / "pretrain.json").read_text())["stats"]
+            stats["stages"]["pretrain"] = 0.0
+            for task in cfg.tasks:
+                heads[task] = load_head(out / f"head_{task}.pt")
+                weights[task] = head_weight(heads[task]).float()
+            log(f"[demo zoo] pretrain: reusing {out / 'zeroshot.pt'} (same pretraining config)")
+        else:
+            (out / "pretrain.json").unlink(missing_ok=True)
+            stats["pretrain"] = pretrain(model, tokenizer, cfg, seed, log)
+            stats["stages"]["pretrain"] = stats["pretrain"]["seconds"]
+            log(f"[demo zoo] pretrain: {stats['pretrain']['seconds']:.1f} s, loss {stats['pretrain']['final_loss']:.3f}")
+            zs = encoder_state_dict(model)
+            torch.save(zs, out / "zeroshot.pt")
+            for task in cfg.tasks:
+                heads[task] = zeroshot_head(model, tokenizer, task)
+                weights[task] = head_weight(heads[task]).float()
+                save_head(heads[task], out / f"head_{task}.pt")
+            (out / "pretrain.json").write_text(json.dumps({"signature": pre_sig, "stats": stats["pretrain"]}))
+
+        t0 = time.time()
+        stats["head_cosine"] = {t: head_cosine(w) for t, w in weights.items()}
+        stats["zeroshot"] = {t: accuracy(model, weights[t], t, "test") for t in cfg.tasks}
+        stats["stages"]["zeroshot_eval"] = time.time() - t0
+
+        t0 = time.time()
+        fts, stats["finetune"], stats["finetuned"] = {}, {}, {}
+        for task in tqdm(cfg.tasks, desc="fine-tune tasks", unit="task"):
+            model.load_state_dict({k[len("model."):]: v for k, v in zs.items()}, strict=False)
+            stats["finetune"][task] = finetune(model, weights[task], task, cfg, seed)
+            fts[task] = encoder_state_dict(model)
+            (out / task).mkdir(exist_ok=True)
+            torch.save(fts[task], out / task / "finetuned.pt")
+            stats["finetuned"][task] = accuracy(model, weights[task], task, "test")
+            log(f"[demo zoo] {task}: zero-shot {stats['zeroshot'][task]:.1f} -> fine-tuned "
+                f"{stats['finetuned'][task]:.1f} ({stats['finetune'][task]['seconds']:.1f} s)")
+        stats["stages"]["finetune"] = time.time() - t0
+
+        if report:
+            t0 = time.time()
+            stats["task_arithmetic"] = task_arithmetic_report(model_name, zs, fts, weights, cfg.tasks, seed)
+            stats["stages"]["report"] = time.time() - t0
+        stats["total_seconds"] = time.time() - t_start
+        meta = {"signature": _signature(model_name, cfg, seed), "stats": stats}
+        (out / "zoo.json").write_text(json.dumps(meta, indent=1))
+        log(format_report(meta))
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _estimate(model_name: str, cfg: ZooConfig) -> float:
+    ips = {"demo": 600.0, "demo-micro": 10000.0}[model_name]  # training images/s on 1 thread
+    imgs = cfg.pretrain_steps * cfg.pretrain_batch * 1.2 + len(cfg.tasks) * cfg.ft_steps * cfg.ft_batch
+    return imgs / ips + 4.0 * len(cfg.tasks)
+
+
+def ensure_zoo(model_name: str, base_dir: str, rebuild: bool = False, seed: int = 0) -> Path:
+    """<base_dir>/<model_name>/ with a complete zoo: reused when its stored signature matches the
+    current config and seed, (re)built otherwise or when `rebuild` is set."""
+    out = Path(base_dir) / model_name
+    meta_path = out / "zoo.json"
+    if not rebuild and meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            meta = {}
+        cfg = CONFIGS[model_name]
+        files = [out / "zeroshot.pt"] + [out / t / "finetuned.pt" for t in cfg.tasks] + \
+                [out / f"head_{t}.pt" for t in cfg.tasks]
+        if meta.get("signature") == _signature(model_name, cfg, seed) and all(f.exists() for f in files):
+            return out
+        tqdm.write(f"[demo zoo] {meta_path} does not match the current config or files are missing: rebuilding")
+    return build_zoo(model_name, base_dir, seed=seed, reuse_pretrain=not rebuild)
+
+
+def format_report(meta: dict) -> str:
+    s = meta["stats"]
+    tasks = list(s["zeroshot"])
+    rows = [("head cosine", s["head_cosine"]), ("zero-shot", s["zeroshot"]), ("fine-tuned", s["finetuned"])]
+    ta = s.get("task_arithmetic")
+    if ta:
+        rows += [("TA 0.3", ta["ta_0.3"]), (f"TA val ({ta['best_lambda']})", ta["ta_val_tuned"])]
+    w = max(len(t) for t in tasks) + 1
+    lines = [f"{'':18}" + "".join(f"{t[:w]:>{w}}" for t in tasks) + f"{'avg':>7}"]
+    for name, d in rows:
+        fmt = "{:.2f}" if name == "head cosine" else "{:.1f}"
+        lines.append(f"{name:18}" + "".join(f"{fmt.format(d[t]):>{w}}" for t in tasks)
+                     + f"{fmt.format(np.mean([d[t] for t in tasks])):>7}")
+    lines.append("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s["stages"].items())
+                 + f"; total {s['total_seconds']:.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="demo", choices=DEMO_MODELS)
+    p.add_argument("--checkpoint-dir", default="checkpoints", help="zoo goes to <dir>/<model>/")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rebuild", action="store_true")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override ZooConfig fields for experiments, e.g. ft_lr=1e-4 (always rebuilds)")
+    a = p.parse_args(argv)
+    if a.set:
+        cfg = CONFIGS[a.model]
+        kw = {}
+        for item in a.set:
+            k, v = item.split("=", 1)
+            kw[k] = type(getattr(cfg, k))(v)
+        build_zoo(a.model, a.checkpoint_dir, seed=a.seed, cfg=dataclasses.replace(cfg, **kw),
+                  reuse_pretrain=not a.rebuild)
+    else:
+        path = ensure_zoo(a.model, a.checkpoint_dir, rebuild=a.rebuild, seed=a.seed)
+        print(format_report(json.loads((path / "zoo.json").read_text())))
+
+
+if __name__ == "__main__":
+    main()
