@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision download datasets it can fetch (never done silently)")
     p.add_argument("--amp", action="store_true", help="fp16 autocast for evaluation on CUDA (faster, not bit-exact)")
     p.add_argument("--seed", type=int, default=42, help="global seed (the official runs use 42)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -171,7 +173,8 @@ def evaluate_finetuned(args, ckpts, encoder, heads, datasets: list[str]) -> dict
 def evaluate(args, encoder, heads, datasets: list[str]) -> dict[str, float]:
     return evaluate_tasks(encoder, datasets, heads, encoder.val_preprocess, args.data_location, device=args.device_obj,
                           batch_size=args.batch_size, num_workers=args.num_workers,
-                          progress=False if args.no_progress else None, amp=args.amp, seed=args.seed)
+                          progress=False if args.no_progress else None, amp=args.amp, seed=args.seed,
+                          download=args.download)
 
 
 def individual_for(args, ckpts, encoder, heads, datasets, zeroshot_sd) -> dict[str, float] | None:
