@@ -29,7 +29,7 @@ from clip.layout import LAYOUTS
 from src import tuning
 from src.datasets.registry import NAMED_SETS, resolve_tasks
 from src.eval import evaluate_tasks, pick_device
-from src.svc import check_alpha, svc
+from src.svc import check_alpha, default_alpha, svc
 from src.task_vectors import TaskVector
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -265,10 +265,9 @@ def run(args) -> dict:
         config.scaling_coef = 1.0  # every method's update is linear in its coefficient
     with utils.timer(times, "merge_seconds"):
         merged = merge_func.get_merge_method(merge)(TaskVector.mean(tvs), tvs, config)
-    default_alpha = 1.0 if merge == "TSV-M" else 1.0 / len(tasks)
     alpha = None
     if args.calibrate:
-        alpha = default_alpha if args.alpha is None or auto_alpha else check_alpha(args.alpha)
+        alpha = default_alpha(merge, len(tasks)) if args.alpha is None or auto_alpha else check_alpha(args.alpha)
 
     if auto_coef or (args.calibrate and auto_alpha):
         val = [f"{t}Val" for t in tasks]

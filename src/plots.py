@@ -32,6 +32,7 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from src.svc import default_alpha  # noqa: E402
 from src.results import (  # noqa: E402
     AVG, NORM, REFERENCE_LABELS, config_of, label_configs, load_results, results_files, row_scores, same_method,
     summarize,
@@ -88,11 +89,6 @@ def coefficient_data(merged: Tensor, task_deltas: Sequence[Tensor], alpha: float
     from src.svc import calibration_stats
 
     return {k: v.numpy() for k, v in calibration_stats(merged, list(task_deltas), alpha).items()}
-
-
-def default_alpha(method: str, num_tasks: int) -> float:
-    """The official run.sh choice: 1.0 for TSV-M, 1/K otherwise (the paper's default)."""
-    return 1.0 if method.upper().replace("_", "-") in ("TSV-M", "TSVM") else 1.0 / num_tasks
 
 
 def pick_layers(keys_with_shapes: dict[str, torch.Size], wanted: Sequence[str] | None) -> list[str]:
