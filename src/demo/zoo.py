@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import clip
 from clip.demo import DEMO_MODELS, create_demo_model, get_demo_tokenizer, to_input
 from src.demo import tasks as T
+from src.heads import build_zeroshot_head
 
 ZOO_VERSION = 1  # bump when generated data or the recipe change in a way the config does not capture
 HEAD_SCALE = 100.0  # exp(logit_scale) of the released heads, as OpenAI CLIP's final value
@@ -72,6 +74,22 @@ def _schedule(step: int, total: int, lr: float, warmup: float) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
 
 
+def _scheduled_batches(steps, n: int, batch: int, g: torch.Generator, opt, lr: float, warmup: float):
+    """Yield (step, indices) over reshuffled epochs of n examples, setting the warmup + cosine
+    learning rate of ``opt`` before each step. Shuffles draw from ``g`` at the top of a step,
+    before the step's own augmentation draws."""
+    total = len(steps)
+    perm, pos = torch.randperm(n, generator=g), 0
+    for step in steps:
+        if pos + batch > len(perm):
+            perm, pos = torch.randperm(n, generator=g), 0
+        idx = perm[pos:pos + batch]
+        pos += batch
+        for group in opt.param_groups:
+            group["lr"] = _schedule(step, total, lr, warmup)
+        yield step, idx
+
+
 def _translate(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Random per-image translation by up to `pad` pixels with edge padding (uint8 NHWC batch)."""
     n, h, w, _ = x.shape
@@ -106,16 +124,9 @@ def pretrain(model, tokenizer, cfg: ZooConfig, seed: int, log) -> dict:
     torch.manual_seed(seed)
     opt = _adamw(model.parameters(), cfg.pretrain_lr, cfg.weight_decay)
     model.train()
-    perm, pos = torch.randperm(len(caps), generator=g), 0
     losses = []
     bar = tqdm(range(cfg.pretrain_steps), desc="pretrain", unit="step", leave=False)
-    for step in bar:
-        if pos + cfg.pretrain_batch > len(perm):
-            perm, pos = torch.randperm(len(caps), generator=g), 0
-        idx = perm[pos:pos + cfg.pretrain_batch]
-        pos += cfg.pretrain_batch
-        for group in opt.param_groups:
-            group["lr"] = _schedule(step, cfg.pretrain_steps, cfg.pretrain_lr, cfg.warmup)
+    for step, idx in _scheduled_batches(bar, len(caps), cfg.pretrain_batch, g, opt, cfg.pretrain_lr, cfg.warmup):
         img = F.normalize(model.encode_image(_inputs(_translate(x_all[idx], g))), dim=-1)
         # one text per distinct caption in the batch; duplicates share the target column
         ci = cap_idx[idx]
@@ -145,36 +156,13 @@ def pretrain(model, tokenizer, cfg: ZooConfig, seed: int, log) -> dict:
 
 
 def zeroshot_head(model, tokenizer, task: str):
-    """The task's zero-shot head, built by the pipeline's own head builder when it exists."""
+    """The task's zero-shot head, built by the pipeline's own head builder."""
     spec = T.TASKS[task]
-    try:
-        from src.heads import build_zeroshot_head
-    except ImportError:
-        build_zeroshot_head = None
-    if build_zeroshot_head is not None:
-        return build_zeroshot_head(model, tokenizer, list(spec.classnames), list(spec.templates))
-    # fallback with the same arithmetic: mean of normalised template embeddings, renormalised, * scale
-    with torch.no_grad():
-        w = []
-        for c in spec.classnames:
-            e = F.normalize(model.encode_text(tokenizer([t(c) for t in spec.templates])), dim=-1).mean(0)
-            w.append(F.normalize(e, dim=-1))
-        return torch.stack(w) * model.logit_scale.exp()
+    return build_zeroshot_head(model, tokenizer, list(spec.classnames), list(spec.templates))
 
 
 def head_weight(head) -> torch.Tensor:
-    return (head.weight if hasattr(head, "weight") else head).detach()
-
-
-def save_head(head, path: Path) -> None:
-    try:
-        from clip import save_head as _save
-    except ImportError:
-        _save = None
-    if _save is not None and not isinstance(head, torch.Tensor):
-        _save(head, path)
-    else:
-        torch.save({"weight": head_weight(head).clone(), "normalize": True}, path)
+    return head.weight.detach()
 
 
 def head_cosine(w: torch.Tensor) -> float:
@@ -205,15 +193,9 @@ def finetune(model, w: torch.Tensor, task: str, cfg: ZooConfig, seed: int) -> di
     params = list(model.visual.parameters())
     opt = _adamw(params, cfg.ft_lr, cfg.weight_decay)
     model.train()
-    perm, pos, losses = torch.randperm(len(y), generator=g), 0, []
+    losses = []
     bar = tqdm(range(cfg.ft_steps), desc=f"finetune {task}", unit="step", leave=False)
-    for step in bar:
-        if pos + cfg.ft_batch > len(perm):
-            perm, pos = torch.randperm(len(y), generator=g), 0
-        idx = perm[pos:pos + cfg.ft_batch]
-        pos += cfg.ft_batch
-        for group in opt.param_groups:
-            group["lr"] = _schedule(step, cfg.ft_steps, cfg.ft_lr, cfg.warmup)
+    for step, idx in _scheduled_batches(bar, len(y), cfg.ft_batch, g, opt, cfg.ft_lr, cfg.warmup):
         f = F.normalize(model.encode_image(_inputs(_translate(x[idx], g))), dim=-1)
         loss = F.cross_entropy(f @ w.T, y[idx])
         opt.zero_grad(set_to_none=True)
@@ -307,14 +289,13 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
         heads, weights = {}, {}
         if reuse_pretrain and _pretrain_cached(out, cfg, pre_sig):
             # the pretraining stage is unchanged: reuse zeroshot.pt and the heads it produced
-            from clip import load_head
-            zs = torch.load(out / "zeroshot.pt", weights_only=True)
+            zs = clip.load_state_dict(out / "zeroshot.pt").materialize()
             model.load_state_dict({k[len("model."):]: v for k, v in zs.items()}, strict=False)
             model.eval()
             stats["pretrain"] = json.loads((out / "pretrain.json").read_text())["stats"]
             stats["stages"]["pretrain"] = 0.0
             for task in cfg.tasks:
-                heads[task] = load_head(out / f"head_{task}.pt")
+                heads[task] = clip.load_head(out / f"head_{task}.pt")
                 weights[task] = head_weight(heads[task]).float()
             log(f"[demo zoo] pretrain: reusing {out / 'zeroshot.pt'} (same pretraining config)")
         else:
@@ -327,7 +308,7 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
             for task in cfg.tasks:
                 heads[task] = zeroshot_head(model, tokenizer, task)
                 weights[task] = head_weight(heads[task]).float()
-                save_head(heads[task], out / f"head_{task}.pt")
+                clip.save_head(heads[task], out / f"head_{task}.pt")
             (out / "pretrain.json").write_text(json.dumps({"signature": pre_sig, "stats": stats["pretrain"]}))
 
         t0 = time.time()
