@@ -231,12 +231,14 @@ def run(args) -> dict:
     datasets = resolve_tasks(args.eval_datasets) if args.eval_datasets else tasks
     request = requested(args, merge, tasks, datasets)
     results = Path(args.logs) / args.model / "results.jsonl"
-    if args.skip_existing and any(r.get("request") == request for r in utils.read_jsonl(results)):
+    ckpts = clip.find_checkpoints(args.model, args.base_dir, tasks, layout=args.checkpoint_layout)
+    ckpts.check(args.model)
+    # the same request on other checkpoints (a rebuilt zoo, new downloads) is not done yet
+    done = {"request": request, "checkpoints": fingerprint(ckpts)}
+    if args.skip_existing and any(all(r.get(k) == v for k, v in done.items()) for r in utils.read_jsonl(results)):
         print(f"skipping: {results} already has this run ({merge}{' + SVC' if args.calibrate else ''})", flush=True)
         return {"skipped": True, "request": request}
-    ckpts = clip.find_checkpoints(args.model, args.base_dir, tasks, layout=args.checkpoint_layout)
     print(ckpts.describe(), flush=True)
-    ckpts.check(args.model)
 
     with utils.timer(times, "load_seconds"):
         zeroshot_sd = ckpts.load_zeroshot(args.model)
@@ -244,7 +246,7 @@ def run(args) -> dict:
         heads = load_heads(args, ckpts, datasets)
     record: dict = {"model": args.model, "merge": merge, "svc": False, "alpha": None, "scaling_coef": None,
                     "tasks": tasks, "layout": ckpts.layout, "seed": args.seed, "threads": threads,
-                    "device": str(args.device_obj), "checkpoints": fingerprint(ckpts), "request": request}
+                    "device": str(args.device_obj), **done}
 
     if merge == "finetuned":
         with utils.timer(times, "eval_seconds"):

@@ -6,7 +6,9 @@ zero-shot, individual fine-tuned, TA 0.3, TA with its coefficient chosen on the 
 and Iso-C (registry defaults), each without SVC and with SVC at alpha = 1/K and alpha = 1.
 
     python benchmarks/demo_quality.py --seeds 0 1 2 --checkpoint-dir checkpoints/demo-seeds
-Seed 0 builds into <checkpoint-dir>/seed0/demo, etc.; results go to --out as JSON and a markdown table.
+Seed 0 builds into <checkpoint-dir>/seed0/demo, etc.; results go to --out as JSON and a markdown table,
+followed by the benchmark's quality bars per seed. Seeds can run in parallel processes with their own
+--out, then `--combine a.json b.json ...` merges them.
 """
 from __future__ import annotations
 
@@ -111,6 +113,32 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bars(results: list[dict]) -> str:
+    """The benchmark's quality bars (issue 5), checked per seed on the pipeline's numbers."""
+    def avg(d):
+        return statistics.mean(d.values())
+
+    checks = [
+        ("zero-shot average <= 60", lambda r: avg(r["methods"]["zeroshot"]), lambda v, r: v <= 60),
+        ("max head cosine < 0.8", lambda r: max(r["zoo"]["head_cosine"].values()), lambda v, r: v < 0.8),
+        ("min fine-tuning gain >= 15", lambda r: min(r["methods"]["individual"][t] - r["methods"]["zeroshot"][t]
+                                                     for t in r["tasks"]), lambda v, r: v >= 15),
+        ("individual average >= 85", lambda r: avg(r["methods"]["individual"]), lambda v, r: v >= 85),
+        ("val-tuned TA - zero-shot >= 10", lambda r: avg(r["methods"]["TA val"]) - avg(r["methods"]["zeroshot"]),
+         lambda v, r: v >= 10),
+        ("val-tuned TA < individual average", lambda r: avg(r["methods"]["TA val"]),
+         lambda v, r: v < avg(r["methods"]["individual"])),
+    ]
+    lines = ["| bar | " + " | ".join(f"seed {r['seed']}" for r in results) + " |", "|---|" + "---|" * len(results)]
+    for name, value, ok in checks:
+        cells = []
+        for r in results:
+            v = value(r)
+            cells.append(f"{v:.2f} {'met' if ok(v, r) else 'MISSED'}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -118,7 +146,14 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/demo_quality.json")
     p.add_argument("--model", default="demo", choices=list(CONFIGS), help="demo-micro: a quick smoke run")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="only merge the results files of earlier runs (e.g. seeds run in parallel) into --out")
     a = p.parse_args()
+    if a.combine:
+        results = sorted((r for f in a.combine for r in json.loads(Path(f).read_text())), key=lambda r: r["seed"])
+        Path(a.out).write_text(json.dumps(results, indent=1))
+        print(table(results), bars(results), sep="\n\n")
+        return
     torch.set_num_threads(a.threads)
     results = []
     for seed in a.seeds:
@@ -126,6 +161,7 @@ def main() -> None:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(results, indent=1))
         print(table(results), flush=True)
+    print(bars(results), flush=True)
 
 
 if __name__ == "__main__":

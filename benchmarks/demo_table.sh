@@ -1,17 +1,14 @@
 #!/usr/bin/env bash
 # The README's results table and figures for the embedded benchmark (demo zoo, seed 0).
-#   bash benchmarks/demo_table.sh            # ~5 minutes on 2 CPU cores once the zoo exists
+#   bash benchmarks/demo_table.sh     # ~10 minutes on 2 CPU cores once the zoo exists
+# Runs already in logs/demo/results.jsonl on the same checkpoints are reused, not rerun.
 set -eu
 cd "$(dirname "$0")/.."
-P=(--model demo --no-progress --threads 1 --skip-existing)
-python main.py "${P[@]}" --merge zeroshot
-python main.py "${P[@]}" --merge finetuned
-for m in TA TIES TSV-M Iso-C; do
-  python main.py "${P[@]}" --merge "$m"
-  python main.py "${P[@]}" --merge "$m" --c
+P=(--no-progress --threads 1)
+bash run.sh demo "${P[@]}"  # every method, with and without SVC
+for c in "" --c; do  # TA with lambda chosen on the <Task>Val splits, without and with SVC
+  python main.py --model demo "${P[@]}" --skip-existing --merge TA --scaling_coef auto $c
 done
-python main.py "${P[@]}" --merge TA --scaling_coef auto
-python main.py "${P[@]}" --merge TA --scaling_coef auto --c
 python -m src.results logs/demo --decimals 1 --out benchmarks/figures/demo_table.md
 python -m src.plots spectrum --model demo --tasks demo --merge TA --out benchmarks/figures/demo_spectrum
 python -m src.plots scaling logs/demo --merge TA --out benchmarks/figures/demo_scaling

@@ -203,3 +203,38 @@ def test_micro_zoo_build_is_deterministic(micro_zoo, tmp_path):
     sa = torch.load(a / task / "finetuned.pt", weights_only=True)
     sb = torch.load(b / task / "finetuned.pt", weights_only=True)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_build_report_matches_the_pipeline_evaluation(micro_zoo):
+    """The zoo's quality report (zero-shot, fine-tuned, TA at the chosen lambda) is what main.py's
+    path gives: clip loaders -> TaskVector -> merge_func TA -> evaluate_tasks over the registry."""
+    from types import SimpleNamespace
+
+    import clip
+    import merge_func
+    from src.eval import evaluate_tasks
+    from src.task_vectors import TaskVector
+
+    path, _ = micro_zoo
+    stats = json.loads((path / "zoo.json").read_text())["stats"]
+    tasks = list(zoo.CONFIGS["demo-micro"].tasks)
+    zs = clip.load_state_dict(path / "zeroshot.pt").materialize()
+    fts = {t: clip.load_state_dict(path / t / "finetuned.pt").materialize() for t in tasks}
+    heads = {t: clip.load_head(path / f"head_{t}.pt") for t in tasks}
+    _, val_tf = clip.get_preprocess("demo-micro")
+
+    def acc(sd):
+        enc = clip.build_image_encoder("demo-micro", sd)
+        return evaluate_tasks(enc, tasks, heads, val_tf, "unused", device="cpu", num_workers=0, progress=False)
+
+    one_image = 100.0 / T.SPLIT_SIZES["test"]  # batch sizes differ: allow one flipped near-tie
+    assert acc(zs) == pytest.approx(stats["zeroshot"], abs=one_image + 1e-9)
+    for t in tasks:
+        assert acc(fts[t])[t] == pytest.approx(stats["finetuned"][t], abs=one_image + 1e-9)
+    ta = stats["task_arithmetic"]
+    assert ta["best_lambda"] in zoo.default_grid("TA")
+    curve = ta["val_curve_normalized"]  # chosen like main.py --scaling_coef auto
+    assert curve[str(ta["best_lambda"])] == max(curve.values())
+    merged = merge_func.get_merge_method("TA")(None, [TaskVector(zs, fts[t]) for t in tasks],
+                                               SimpleNamespace(scaling_coef=ta["best_lambda"]))
+    assert acc(merged.apply_to(zs)) == pytest.approx(ta["ta_val_tuned"], abs=one_image + 1e-9)

@@ -93,6 +93,21 @@ def test_skip_existing_matches_the_exact_request(workdir):
     assert len(results(workdir)) == n + 1
 
 
+def test_skip_existing_reruns_on_changed_checkpoints(workdir):
+    """A rebuilt zoo or re-downloaded checkpoints: the logged run is not this run."""
+    cli(workdir, "--merge", "WA", "--scaling_coef", "0.25")
+    assert cli(workdir, "--merge", "WA", "--scaling_coef", "0.25", "--skip-existing")["skipped"] is True
+    ft = next((workdir / "checkpoints" / "demo-micro").glob("*/finetuned.pt"))
+    st = os.stat(ft)
+    os.utime(ft, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        record = cli(workdir, "--merge", "WA", "--scaling_coef", "0.25", "--skip-existing")
+        assert "skipped" not in record
+        assert record["checkpoints"] != results(workdir)[-2]["checkpoints"]
+    finally:
+        os.utime(ft, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def test_bad_input_is_a_clear_error(workdir, tmp_path):
     with pytest.raises(SystemExit, match="unknown merge method 'fisher'.*Iso-CTS"):
         cli(workdir, "--merge", "fisher")

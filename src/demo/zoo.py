@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -23,12 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import clip
 from clip.demo import DEMO_MODELS, create_demo_model, get_demo_tokenizer, to_input
 from src.demo import tasks as T
+from src.eval import evaluate
 from src.heads import build_zeroshot_head
+from src.task_vectors import TaskVector
+from src.tuning import apply_in_place, default_grid, select_coefficient
 
 ZOO_VERSION = 1  # bump when generated data or the recipe change in a way the config does not capture
 HEAD_SCALE = 100.0  # exp(logit_scale) of the released heads, as OpenAI CLIP's final value
@@ -53,7 +58,7 @@ class ZooConfig:
 
 CONFIGS: dict[str, ZooConfig] = {
     "demo": ZooConfig(tasks=T.TASK_NAMES, pretrain_per_task=6000, pretrain_steps=900, pretrain_batch=256,
-                      pretrain_lr=1.5e-3, ft_steps=200, ft_batch=128, ft_lr=5e-4),
+                      pretrain_lr=1.5e-3, ft_steps=200, ft_batch=64, ft_lr=5e-4),
     # plumbing only (tests, CI): seconds to build, accuracy not meaningful
     "demo-micro": ZooConfig(tasks=("Digits", "Shapes", "Colors"), pretrain_per_task=256, pretrain_steps=80,
                             pretrain_batch=64, pretrain_lr=2e-3, ft_steps=16, ft_batch=32, ft_lr=5e-4),
@@ -173,15 +178,16 @@ def head_cosine(w: torch.Tensor) -> float:
     return float((c.sum() - c.diag().sum()) / (n * (n - 1)))
 
 
-@torch.no_grad()
-def accuracy(model, w: torch.Tensor, task: str, split: str, batch: int = 500) -> float:
-    """Top-1 % of normalise(encode_image) @ w.T on a generated split (the benchmark's fixed data)."""
+@functools.lru_cache(maxsize=None)
+def _eval_loader(task: str, split: str) -> DataLoader:
+    """A generated split as preprocessed tensors (the registry dataset with the demo val transform)."""
     x, y = T.generate(task, split)
-    correct = 0
-    for i in range(0, len(y), batch):
-        f = F.normalize(model.encode_image(to_input(x[i:i + batch])), dim=-1)
-        correct += int(((f @ w.T).argmax(1) == torch.from_numpy(y[i:i + batch])).sum())
-    return 100.0 * correct / len(y)
+    return DataLoader(TensorDataset(to_input(x), torch.from_numpy(y.copy())), batch_size=500)
+
+
+def accuracy(encoder: torch.nn.Module, head, task: str, split: str) -> float:
+    """Top-1 % of head(encoder(x)) over a generated split, through the pipeline's evaluate()."""
+    return evaluate(encoder, head, _eval_loader(task, split), "cpu", progress=False)
 
 
 def finetune(model, w: torch.Tensor, task: str, cfg: ZooConfig, seed: int) -> dict:
@@ -209,27 +215,27 @@ def finetune(model, w: torch.Tensor, task: str, cfg: ZooConfig, seed: int) -> di
     return {"seconds": time.time() - t0, "final_loss": float(np.mean(losses[-10:]))}
 
 
-@torch.no_grad()
-def task_arithmetic_report(model_name: str, zs: dict, fts: dict, heads: dict, tasks, seed: int,
-                           grid=tuple(np.round(np.arange(0.05, 1.001, 0.05), 2))) -> dict:
-    """TA (pretrained + lam * sum of task vectors), lam chosen on val: a build-time sanity check."""
-    model = create_demo_model(model_name).eval()
-    taus = {k: sum(fts[t][k] - zs[k] for t in tasks) for k in zs if zs[k].is_floating_point()}
+def task_arithmetic_report(model_name: str, zs: dict, fts: dict, heads: dict, tasks) -> dict:
+    """TA (pretrained + lam * sum of task vectors) with lam chosen on val as `main.py --scaling_coef auto`
+    does (average normalised accuracy), through the pipeline's own TaskVector, apply_in_place and
+    select_coefficient: a build-time sanity check."""
+    encoder = clip.build_image_encoder(model_name, zs).eval()
+    params = encoder.state_dict()
+    vectors = {t: TaskVector(zs, fts[t]).materialize() for t in tasks}
+    total = sum(vectors.values())
+    individual_val = {}
+    for t in tasks:
+        apply_in_place(params, zs, vectors[t], 1.0)
+        individual_val[t] = accuracy(encoder, heads[t], t, "val")
 
-    def load(lam):
-        sd = {k[len("model."):]: (zs[k] + lam * taus[k] if k in taus else zs[k]) for k in zs}
-        model.load_state_dict(sd, strict=False)
+    def score(lam: float, split: str = "val") -> dict[str, float]:
+        apply_in_place(params, zs, total, lam)
+        return {t: accuracy(encoder, heads[t], t, split) for t in tasks}
 
-    val = {}
-    for lam in grid:
-        load(lam)
-        val[float(lam)] = float(np.mean([accuracy(model, heads[t], t, "val") for t in tasks]))
-    best = max(val, key=val.get)
-    out = {"val_curve": val, "best_lambda": best}
-    for lam, name in ((0.3, "ta_0.3"), (best, "ta_val_tuned")):
-        load(lam)
-        out[name] = {t: accuracy(model, heads[t], t, "test") for t in tasks}
-    return out
+    sel = select_coefficient(default_grid("TA"), score, individual=individual_val)
+    return {"val_curve": {p["coef"]: p["avg"] for p in sel.curve},
+            "val_curve_normalized": {p["coef"]: p["normalized"] for p in sel.curve},
+            "best_lambda": sel.best, "ta_0.3": score(0.3, "test"), "ta_val_tuned": score(sel.best, "test")}
 
 
 # ----------------------------------------------------------------------------- build / reuse
@@ -313,7 +319,7 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
 
         t0 = time.time()
         stats["head_cosine"] = {t: head_cosine(w) for t, w in weights.items()}
-        stats["zeroshot"] = {t: accuracy(model, weights[t], t, "test") for t in cfg.tasks}
+        stats["zeroshot"] = {t: accuracy(model.visual, heads[t], t, "test") for t in cfg.tasks}
         stats["stages"]["zeroshot_eval"] = time.time() - t0
 
         t0 = time.time()
@@ -324,14 +330,14 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
             fts[task] = encoder_state_dict(model)
             (out / task).mkdir(exist_ok=True)
             torch.save(fts[task], out / task / "finetuned.pt")
-            stats["finetuned"][task] = accuracy(model, weights[task], task, "test")
+            stats["finetuned"][task] = accuracy(model.visual, heads[task], task, "test")
             log(f"[demo zoo] {task}: zero-shot {stats['zeroshot'][task]:.1f} -> fine-tuned "
                 f"{stats['finetuned'][task]:.1f} ({stats['finetune'][task]['seconds']:.1f} s)")
         stats["stages"]["finetune"] = time.time() - t0
 
         if report:
             t0 = time.time()
-            stats["task_arithmetic"] = task_arithmetic_report(model_name, zs, fts, weights, cfg.tasks, seed)
+            stats["task_arithmetic"] = task_arithmetic_report(model_name, zs, fts, heads, cfg.tasks)
             stats["stages"]["report"] = time.time() - t0
         stats["total_seconds"] = time.time() - t_start
         meta = {"signature": _signature(model_name, cfg, seed), "stats": stats}
