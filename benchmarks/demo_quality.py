@@ -21,31 +21,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import clip  # noqa: E402
 import merge_func  # noqa: E402
-from src.datasets.registry import get_dataset  # noqa: E402
-from src.demo.zoo import CONFIGS, ensure_zoo  # noqa: E402
+from src.demo.zoo import CONFIGS, ensure_zoo, eval_loader  # noqa: E402
 from src.eval import evaluate  # noqa: E402
 from src.svc import svc  # noqa: E402
 from src.task_vectors import TaskVector  # noqa: E402
 from src.tuning import apply_in_place, default_grid, select_coefficient  # noqa: E402
 
 METHODS = ("TA", "TIES", "TSV-M", "Iso-C")
-
-
-def _loaders(tasks, split: str, preprocess) -> dict[str, DataLoader]:
-    """Preprocess each split once (same tensors as the dataset's own loader), then reuse it."""
-    out = {}
-    for task in tasks:
-        ds = get_dataset(task if split == "test" else f"{task}Val", preprocess, "unused", num_workers=0).test_dataset
-        x = torch.stack([ds[i][0] for i in range(len(ds))])
-        y = torch.tensor([ds[i][1] for i in range(len(ds))])
-        out[task] = DataLoader(TensorDataset(x, y), batch_size=500)
-    return out
 
 
 def run_seed(seed: int, base: Path, model: str = "demo") -> dict:
@@ -58,8 +45,7 @@ def run_seed(seed: int, base: Path, model: str = "demo") -> dict:
     heads = {t: clip.load_head(path / f"head_{t}.pt") for t in tasks}
     enc = clip.build_image_encoder(model, zs).eval()
     params = enc.state_dict()
-    _, val_tf = clip.get_preprocess(model)
-    test, val = _loaders(tasks, "test", val_tf), _loaders(tasks, "val", val_tf)
+    test, val = ({t: eval_loader(t, split) for t in tasks} for split in ("test", "val"))
 
     def acc(loaders, only=None):
         return {t: evaluate(enc, heads[t], loaders[t], "cpu", progress=False) for t in (only or tasks)}

@@ -107,6 +107,8 @@ def test_demo_tasks_are_registered():
     x, y = next(iter(d.test_loader))
     ref_x, ref_y = T.generate("Shapes", "val")
     assert torch.equal(x, to_input(ref_x[:50])) and torch.equal(y, torch.from_numpy(ref_y[:50]))
+    zx, zy = zoo.eval_loader("Shapes", "val").dataset.tensors  # the zoo's and demo_quality's preloaded copy
+    assert torch.equal(zx[:50], x) and torch.equal(zy[:50], y)
 
 
 # ----------------------------------------------------------------------------- micro zoo

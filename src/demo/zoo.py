@@ -179,15 +179,16 @@ def head_cosine(w: torch.Tensor) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def _eval_loader(task: str, split: str) -> DataLoader:
-    """A generated split as preprocessed tensors (the registry dataset with the demo val transform)."""
+def eval_loader(task: str, split: str) -> DataLoader:
+    """A generated split as preprocessed tensors, made once: the same batches as the registry's
+    dataset with the demo val transform (tests/test_demo.py checks it), without a PIL round trip."""
     x, y = T.generate(task, split)
     return DataLoader(TensorDataset(to_input(x), torch.from_numpy(y.copy())), batch_size=500)
 
 
 def accuracy(encoder: torch.nn.Module, head, task: str, split: str) -> float:
     """Top-1 % of head(encoder(x)) over a generated split, through the pipeline's evaluate()."""
-    return evaluate(encoder, head, _eval_loader(task, split), "cpu", progress=False)
+    return evaluate(encoder, head, eval_loader(task, split), "cpu", progress=False)
 
 
 def finetune(model, w: torch.Tensor, task: str, cfg: ZooConfig, seed: int) -> dict:
