@@ -90,16 +90,21 @@ def build_cars(split: str, preprocess, location: str) -> Dataset:
     return dataset
 
 
-def build_dtd(split: str, preprocess, location: str) -> Dataset:
-    train_dir = os.path.join(location, "dtd", "train")
+def _train_test_folders(name: str, folder: str, split: str, preprocess, location: str) -> Dataset:
+    """`<folder>/train`, or for test the first of `<folder>/val` and `<folder>/test`: task_vectors calls
+    the original test partition `val`, the SVC code `test`; `val` wins if both exist."""
+    train_dir = os.path.join(location, folder, "train")
     if split == "train":
-        split_dir = _first_dir("DTD", [train_dir])
+        split_dir = _first_dir(name, [train_dir])
     elif split == "test":
-        # task_vectors calls the original test partition `val`; SVC calls it `test`. `val` wins if both exist.
-        split_dir = _first_dir("DTD", [os.path.join(location, "dtd", n) for n in ("val", "test")])
+        split_dir = _first_dir(name, [os.path.join(location, folder, n) for n in ("val", "test")])
     else:
-        raise ValueError(f"DTD has no {split!r} split (DTDVal is cut from train)")
-    dataset = _image_folder("DTD", split_dir, train_dir, preprocess)
+        raise ValueError(f"{name} has no {split!r} split ({name}Val is cut from train)")
+    return _image_folder(name, split_dir, train_dir, preprocess)
+
+
+def build_dtd(split: str, preprocess, location: str) -> Dataset:
+    dataset = _train_test_folders("DTD", "dtd", split, preprocess, location)
     dataset.classnames = [c.replace("_", " ") for c in dataset.classes]
     return dataset
 
@@ -142,15 +147,7 @@ def build_resisc45(split: str, preprocess, location: str) -> Dataset:
 
 
 def build_sun397(split: str, preprocess, location: str) -> Dataset:
-    train_dir = os.path.join(location, "sun397", "train")
-    if split == "train":
-        split_dir = _first_dir("SUN397", [train_dir])
-    elif split == "test":
-        split_dir = _first_dir("SUN397", [os.path.join(location, "sun397", "val"),
-                                          os.path.join(location, "sun397", "test")])
-    else:
-        raise ValueError(f"SUN397 has no {split!r} split (SUN397Val is cut from train)")
-    dataset = _image_folder("SUN397", split_dir, train_dir, preprocess)
+    dataset = _train_test_folders("SUN397", "sun397", split, preprocess, location)
     dataset.classnames = [c[2:].replace("_", " ") for c in dataset.classes]  # drop the `a_` letter prefix
     return dataset
 
