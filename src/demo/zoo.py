@@ -293,7 +293,7 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
         model = create_demo_model(model_name)
         tokenizer = get_demo_tokenizer(model_name)
         pre_sig = _pretrain_signature(model_name, cfg, seed)
-        heads, weights = {}, {}
+        heads = {}
         if reuse_pretrain and _pretrain_cached(out, cfg, pre_sig):
             # the pretraining stage is unchanged: reuse zeroshot.pt and the heads it produced
             zs = clip.load_state_dict(out / "zeroshot.pt").materialize()
@@ -303,7 +303,6 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
             stats["stages"]["pretrain"] = 0.0
             for task in cfg.tasks:
                 heads[task] = clip.load_head(out / f"head_{task}.pt")
-                weights[task] = head_weight(heads[task]).float()
             log(f"[demo zoo] pretrain: reusing {out / 'zeroshot.pt'} (same pretraining config)")
         else:
             (out / "pretrain.json").unlink(missing_ok=True)
@@ -314,11 +313,11 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
             torch.save(zs, out / "zeroshot.pt")
             for task in cfg.tasks:
                 heads[task] = zeroshot_head(model, tokenizer, task)
-                weights[task] = head_weight(heads[task]).float()
                 clip.save_head(heads[task], out / f"head_{task}.pt")
             (out / "pretrain.json").write_text(json.dumps({"signature": pre_sig, "stats": stats["pretrain"]}))
 
         t0 = time.time()
+        weights = {t: head_weight(heads[t]).float() for t in cfg.tasks}  # frozen heads of fine-tuning
         stats["head_cosine"] = {t: head_cosine(w) for t, w in weights.items()}
         stats["zeroshot"] = {t: accuracy(model.visual, heads[t], t, "test") for t in cfg.tasks}
         stats["stages"]["zeroshot_eval"] = time.time() - t0
