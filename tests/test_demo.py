@@ -240,3 +240,28 @@ def test_build_report_matches_the_pipeline_evaluation(micro_zoo):
     merged = merge_func.get_merge_method("TA")(None, [TaskVector(zs, fts[t]) for t in tasks],
                                                SimpleNamespace(scaling_coef=ta["best_lambda"]))
     assert acc(merged.apply_to(zs)) == pytest.approx(ta["ta_val_tuned"], abs=one_image + 1e-9)
+
+
+def test_interference_probes_agree_with_the_build_report(micro_zoo):
+    """benchmarks/demo_interference.py measures through the same path as the zoo's report: its
+    zero-shot and fine-tuned rows match zoo.json, lam = 1 on a task's own vector is its fine-tuned
+    model, lam = 0 is the zero-shot model, and the forgetting diagonal is each task's own gain."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_interference.py"
+    spec = importlib.util.spec_from_file_location("demo_interference", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path, _ = micro_zoo
+    stats = json.loads((path / "zoo.json").read_text())["stats"]
+    res = mod.interference(path, "demo-micro", "test", (0.0, 1.0))
+    p, tasks = res["probes"], res["tasks"]
+    assert tasks == list(zoo.CONFIGS["demo-micro"].tasks)
+    assert p["zero-shot"] == pytest.approx(stats["zeroshot"]) and p["fine-tuned"] == pytest.approx(stats["finetuned"])
+    assert p["self 1.0"] == p["fine-tuned"]
+    for name in ("self", "others", "shared", "specific", "TA"):
+        assert p[f"{name} 0.0"] == p["zero-shot"]
+    for t in tasks:
+        assert res["forgetting"][t][t] == pytest.approx(p["fine-tuned"][t] - p["zero-shot"][t])
+    assert "mean off-diagonal change" in mod.format_table(res)
