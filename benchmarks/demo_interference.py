@@ -40,8 +40,7 @@ def interference(zoo_dir: str | Path, model: str, split: str = "val",
     encoder = clip.build_image_encoder(model, zs).eval()
     params = encoder.state_dict()
     total = sum(tau.values())
-    mean = (1.0 / len(tasks)) * total
-    k = len(tasks)
+    shared = ((len(tasks) - 1) / len(tasks)) * total  # (K-1) x the mean task vector
 
     def acc(update: TaskVector, lam: float, task: str) -> float:
         apply_in_place(params, zs, update, lam)
@@ -52,10 +51,9 @@ def interference(zoo_dir: str | Path, model: str, split: str = "val",
         probes["zero-shot"][t] = acc(total, 0.0, t)
         probes["fine-tuned"][t] = acc(tau[t], 1.0, t)
         others = total - tau[t]
-        shared = (k - 1) * mean
+        updates = {"self": tau[t], "others": others, "shared": shared, "specific": others - shared, "TA": total}
         for lam in lambdas:
-            for name, update in (("self", tau[t]), ("others", others), ("shared", shared),
-                                 ("specific", others - shared), ("TA", total)):
+            for name, update in updates.items():
                 probes.setdefault(f"{name} {lam}", {})[t] = acc(update, lam, t)
     forgetting = {j: {i: acc(tau[j], 1.0, i) - probes["zero-shot"][i] for i in tasks} for j in tasks}
     off = [forgetting[j][i] for j in tasks for i in tasks if i != j]
