@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import clip  # noqa: E402
-from src.demo.zoo import accuracy  # noqa: E402
+from src.demo.zoo import accuracy, load_built  # noqa: E402
 from src.task_vectors import TaskVector  # noqa: E402
 from src.tuning import apply_in_place  # noqa: E402
 
@@ -34,9 +34,7 @@ def interference(zoo_dir: str | Path, model: str, split: str = "val",
     """Accuracies (%) per task for every probe above; see the module docstring."""
     zoo_dir = Path(zoo_dir)
     tasks = json.loads((zoo_dir / "zoo.json").read_text())["signature"]["config"]["tasks"]
-    zs = clip.load_state_dict(zoo_dir / "zeroshot.pt").materialize()
-    heads = {t: clip.load_head(zoo_dir / f"head_{t}.pt") for t in tasks}
-    tau = {t: TaskVector(zs, clip.load_state_dict(zoo_dir / t / "finetuned.pt")).materialize() for t in tasks}
+    zs, heads, tau = load_built(zoo_dir, tasks)
     encoder = clip.build_image_encoder(model, zs).eval()
     params = encoder.state_dict()
     total = sum(tau.values())

@@ -26,10 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import clip  # noqa: E402
 import merge_func  # noqa: E402
-from src.demo.zoo import CONFIGS, ensure_zoo, eval_loader  # noqa: E402
+from src.demo.zoo import CONFIGS, ensure_zoo, eval_loader, load_built  # noqa: E402
 from src.eval import evaluate  # noqa: E402
 from src.svc import svc  # noqa: E402
-from src.task_vectors import TaskVector  # noqa: E402
 from src.tuning import apply_in_place, default_grid, select_coefficient  # noqa: E402
 
 METHODS = ("TA", "TIES", "TSV-M", "Iso-C")
@@ -39,10 +38,8 @@ def run_seed(seed: int, base: Path, model: str = "demo") -> dict:
     path = ensure_zoo(model, str(base / f"seed{seed}"), seed=seed)
     tasks = list(CONFIGS[model].tasks)
     K = len(tasks)
-    zs = {k: v.clone() for k, v in clip.load_state_dict(path / "zeroshot.pt").items()}
-    fts = {t: clip.load_state_dict(path / t / "finetuned.pt") for t in tasks}
-    tvs = [TaskVector(zs, fts[t]).materialize() for t in tasks]
-    heads = {t: clip.load_head(path / f"head_{t}.pt") for t in tasks}
+    zs, heads, by_task = load_built(path, tasks)
+    tvs = [by_task[t] for t in tasks]
     enc = clip.build_image_encoder(model, zs).eval()
     params = enc.state_dict()
     test, val = ({t: eval_loader(t, split) for t in tasks} for split in ("test", "val"))

@@ -191,6 +191,16 @@ def accuracy(encoder: torch.nn.Module, head, task: str, split: str) -> float:
     return evaluate(encoder, head, eval_loader(task, split), "cpu", progress=False)
 
 
+def load_built(path: str | Path, tasks) -> tuple[dict[str, torch.Tensor], dict, dict[str, TaskVector]]:
+    """A built zoo read back through the pipeline's safe loaders, eagerly, for repeated in-place
+    evaluation: (zero-shot state dict, head per task, task vector per task)."""
+    path = Path(path)
+    zs = clip.load_state_dict(path / "zeroshot.pt").materialize()
+    heads = {t: clip.load_head(path / f"head_{t}.pt") for t in tasks}
+    tvs = {t: TaskVector(zs, clip.load_state_dict(path / t / "finetuned.pt")).materialize() for t in tasks}
+    return zs, heads, tvs
+
+
 def finetune(model, w: torch.Tensor, task: str, cfg: ZooConfig, seed: int) -> dict:
     """Fine-tunes model.visual on the task's train split with the zero-shot head `w` frozen."""
     t0 = time.time()
