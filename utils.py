@@ -7,9 +7,10 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -46,16 +47,50 @@ def timer(times: dict[str, float], name: str) -> Iterator[None]:
         times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+def _new_file_mode() -> int:
+    """Permissions a plain open() would give a new file (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Exclusive lock on ``<path>.lock`` across processes, also across machines sharing a POSIX
+    file system (fcntl record locks, which NFS honours). The lock file is left in place: deleting it
+    would let two writers lock two different files."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        import fcntl
+    except ImportError:  # Windows: the filelock package (a torch dependency) does the same there
+        from filelock import FileLock
+
+        with FileLock(str(lock_path)):
+            yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.lockf(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename. An existing file
+    keeps its permissions; a new one gets the ones open() would give it (not mkstemp's 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -64,25 +99,68 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Append one JSON line atomically: the file is rewritten through a rename, so a
-    reader sees either the old file or the old file plus the whole new line."""
+    """Append one strict-JSON line (NaN/inf refused) under a cross-process lock.
+
+    The file is never rewritten: the line goes out in one O_APPEND write, so concurrent runs
+    (run.sh, Slurm arrays) never lose a line, and an interrupted run leaves the earlier lines intact.
+    A damaged last line (no newline) is closed first so the new record starts on its own line."""
     path = Path(path)
-    line = json.dumps(record, sort_keys=False) + "\n"
-    old = path.read_text() if path.exists() else ""
-    if old and not old.endswith("\n"):
-        old += "\n"
-    atomic_write_text(path, old + line)
+    line = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")  # ValueError on NaN/inf
+    with locked(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            if size:
+                with open(path, "rb") as f:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        line = b"\n" + line
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of a JSONL file; unreadable lines are skipped (they cannot come from us)."""
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    """Parsed JSON of ``path`` (``default`` if it does not exist); a damaged file is named in the error."""
+    path = Path(path)
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it or fix it by hand") from None
+
+
+def update_json(path: str | os.PathLike, update: Callable[[Any], Any], default: Any = None) -> Any:
+    """Read-modify-write a JSON file under the cross-process lock; returns what was written.
+    ``update`` gets the current content (``default`` when the file is new) and returns the new one."""
+    path = Path(path)
+    with locked(path):
+        value = update(read_json(path, default))
+        atomic_write_text(path, json.dumps(value, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    return value
+
+
+def read_jsonl(path: str | os.PathLike, warn: bool = True) -> list[dict[str, Any]]:
+    """Records of a JSONL file. A line that is not UTF-8 or not a JSON object is skipped, with a
+    warning naming file:line, so one damaged line never stops a table or a later run."""
     path = Path(path)
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
             continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            problem = "not UTF-8" if isinstance(err, UnicodeDecodeError) else f"not JSON: {err.msg}"
+            if warn:
+                warnings.warn(f"{path}:{lineno}: skipped damaged line ({problem})", stacklevel=2)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        elif warn:
+            warnings.warn(f"{path}:{lineno}: skipped line (not a JSON object)", stacklevel=2)
     return records
