@@ -53,8 +53,8 @@ def check_finite(t: Tensor, what: str) -> float:
         return bound
     nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
     raise ValueError(f"{what} has {nan} NaN and {inf} inf values (of {t.numel()}): a merge would spread "
-                     "them through the model. Check the checkpoints it was made from (fine-tuned minus pre-trained must "
-                     "be finite) before merging.")
+                     "them through the model. Check the checkpoints it was made from (fine-tuned minus "
+                     "pre-trained must be finite) before merging.")
 
 
 def task_label(task_vector: "TaskVector", index: int) -> str:
