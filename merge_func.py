@@ -7,6 +7,9 @@ attribute takes the default declared in the method's keyword-only parameters bel
 which reproduce the official SVC runs. The returned update already carries the
 method's own coefficient (``scaling_coef``), so it is applied with coefficient 1.
 
+Task vectors holding NaN or inf are refused with an error naming the task and the key:
+in-memory ones before any work, lazy ones as each tensor is read.
+
 Methods walk the parameters one key at a time and read only that key of each task
 vector, so lazy task vectors (``TaskVector(path, path)``) never load K full models.
 To add a method: write ``def my_method(avg, tvs, *, scaling_coef=1.0, my_opt=...)``
@@ -23,7 +26,7 @@ import torch
 from torch import Tensor
 
 from src.linalg import KEY_FILTERS, compute_device, polar, svd
-from src.task_vectors import TaskVector, check_same_keys
+from src.task_vectors import TaskVector, check_same_keys, require_finite
 
 MERGE_METHODS: dict[str, Callable] = {}
 METHOD_OPTIONS: dict[str, dict[str, object]] = {}  # name -> {option: default}
@@ -77,6 +80,7 @@ def merge_method(name: str):
                 raise ValueError(f"{name}: no task vectors to merge")
             for i, tv in enumerate(task_vectors[1:], 1):
                 check_same_keys(task_vectors[0].vector, tv.vector, "task vector 0", f"task vector {i}")
+            task_vectors = require_finite(task_vectors)  # NaN/inf: an error naming the task and key
             return impl(task_vector_avg, task_vectors, **_options(defaults, config))
 
         method.merge_name = name
@@ -245,6 +249,13 @@ def _orthogonal_merge(u_blocks: Tensor, s_blocks: Tensor, vh_blocks: Tensor, iso
     return (u_o * s_blocks) @ vh_o
 
 
+def tsvm_rank(k: int, fraction: float) -> int:
+    """Singular triplets TSV-M keeps per task: ``int(k * fraction)`` (fraction 1/K by
+    default), as the original; the K * r slots it fills leave ``k - K * r`` zero (ViT
+    768-wide matrices: 756 of 768 used at K = 14, 760 at K = 20)."""
+    return int(k * fraction)
+
+
 @merge_method("TSV-M")
 def tsv_merge(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, tsvm_fraction: float | None = None,
               tsvm_keys: str = "official", device: str | None = None) -> TaskVector:
@@ -263,6 +274,15 @@ def tsv_merge(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, tsvm_
     _check(0 < fraction <= 1.0 / n_tasks + 1e-12,
            f"tsvm_fraction must be in (0, 1/K] = (0, {1 / n_tasks:.4f}] so the K blocks fit, got {fraction}")
     is_matrix = _key_filter(tsvm_keys)
+    for key, shape in task_vectors[0].shapes().items():  # before any work: r = 0 would merge to zeros
+        if is_matrix(key, shape):
+            k = min(shape)
+            _check(tsvm_rank(k, fraction) > 0,
+                   f"TSV-M: {key!r} is {shape[0]} x {shape[1]}, so each of the K = {n_tasks} tasks keeps "
+                   f"int(k * {fraction:.4g}) = 0 of its k = {k} singular vectors and the key would merge to "
+                   f"zeros. Leave it to the plain mean with a --tsvm_keys filter that excludes it "
+                   f"('official' skips embeddings), or "
+                   + ("raise --tsvm_fraction." if tsvm_rank(k, 1.0 / n_tasks) else f"merge fewer tasks (at most {k})."))
     dev = compute_device(device)
 
     def merge_key(key, d):
@@ -271,7 +291,7 @@ def tsv_merge(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, tsvm_
         d = d.to(dev)
         m, n = d.shape[1:]
         k = min(m, n)
-        r = int(k * fraction)
+        r = tsvm_rank(k, fraction)
         u_cat, s_cat, vh_cat = d.new_zeros(m, k), d.new_zeros(k), d.new_zeros(k, n)
         for i in range(n_tasks):  # unfilled slots stay zero, as in the original
             u, s, vh = svd(d[i])
@@ -321,9 +341,20 @@ def iso_cts(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, iso_com
 
     Defaults = official SVC run: common fraction 0.8, coefficient 1 (FusionBench's SVC
     config uses 1.5; the Iso paper tunes it). Invariant to task order.
+
+    Sizes follow ``iso_cts_dims``. A matrix too narrow for one direction per task
+    (e.g. the 50 x 768 positional embedding at K = 20) gets per_task = 0 and keeps the
+    whole common subspace, as in the original: that key is then exactly Iso-C.
     """
     _check(0 <= iso_common_fraction <= 1, f"iso_common_fraction must be in [0, 1], got {iso_common_fraction}")
     n_tasks = len(task_vectors)
+    for key, shape in task_vectors[0].shapes().items():  # before any work
+        if KEY_FILTERS["iso"](key, shape):
+            common, _ = iso_cts_dims(min(shape), n_tasks, iso_common_fraction)
+            _check(common >= 0,
+                   f"Iso-CTS: {key!r} ({shape[0]} x {shape[1]}, k = {min(shape)}) with K = {n_tasks} tasks and "
+                   f"iso_common_fraction {iso_common_fraction} rounds the task subspaces up past k (common "
+                   f"size {common}); use a larger --iso_common_fraction (0.8, the default, never does this).")
     dev = compute_device(device)
 
     def merge_key(key, d):
@@ -338,7 +369,7 @@ def iso_cts(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, iso_com
         u, s, vh = svd(d.sum(0))
         u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]
         u_cat, s_cat, vh_cat = d.new_zeros(m, k), d.new_zeros(k), d.new_zeros(k, n)
-        for i in range(n_tasks):
+        for i in range(n_tasks if per_task else 0):  # per_task = 0: only the common subspace (see above)
             specific = d[i] - u_c @ (u_c.mT @ d[i])  # remove the common subspace
             ui, si, vhi = svd(specific)
             sl = slice(i * per_task, (i + 1) * per_task)

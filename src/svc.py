@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from src.linalg import compute_device, select_keys, svd
-from src.task_vectors import TaskVector, check_same_keys
+from src.task_vectors import TaskVector, check_finite, check_same_keys, max_abs, task_label
 
 EPS = 1e-12  # the official denominator clamp
 
@@ -85,16 +85,39 @@ def _stack(task_deltas: Tensor | Sequence[Tensor], like: Tensor) -> Tensor:
     return deltas.to(like.device, like.dtype)
 
 
+def _common_scale(m: Tensor, d: Tensor, key: str | None, labels: Sequence[str] | None) -> float:
+    """Refuse NaN/inf in ``m`` or the task deltas ``d`` (naming the key and task), and return
+    the power of two that M and the D_i are divided by before decomposing: 1 for every
+    realistic input, larger when the values are so big that squares and inner products
+    would overflow ``m.dtype`` (beyond finfo.max ** 0.25, about 1e9 in float32). s_ri is
+    invariant to a common scale of M and the D_i, and a power of two is exact, so the
+    result is the unscaled computation's. One aminmax pass per tensor does both jobs."""
+    where = f" key {key!r}" if key is not None else ""
+    bound, bound_d = check_finite(m, f"SVC: the merged matrix{where}"), max_abs(d)
+    if not math.isfinite(bound_d):  # name the first bad task
+        for i in range(d.shape[0]):
+            check_finite(d[i], f"SVC: {labels[i] if labels is not None else f'task delta {i}'}{where}")
+    bound = max(bound, bound_d)
+    if bound <= torch.finfo(m.dtype).max ** 0.25:
+        return 1.0
+    return 2.0 ** (math.frexp(bound)[1] - 1)  # bound / scale in [1, 2)
+
+
 def _calibration(merged: Tensor, task_deltas, alpha: float, target: int | None, row_space: bool,
-                 dtype: torch.dtype, device, decomposition: str):
+                 dtype: torch.dtype, device, decomposition: str, key: str | None = None,
+                 labels: Sequence[str] | None = None):
     """Core shared by calibrate_matrix and calibration_stats. Works in ``dtype`` on ``device``;
-    returns U, sigma, Vh, s (K x k) and eta (k)."""
+    returns U, sigma, Vh, s (K x k), eta (k) and the power-of-two scale that sigma is in
+    units of (1 unless the input is huge, see ``_common_scale``)."""
     alpha = check_alpha(alpha)
     if merged.dim() != 2:
         raise ValueError(f"SVC calibrates 2-D matrices, got shape {tuple(merged.shape)}")
     dev = compute_device(device) if device is not None or merged.device.type == "cpu" else merged.device
     m = merged.to(dev, dtype)
     d = _stack(task_deltas, m)
+    scale = _common_scale(m, d, key, labels)
+    if scale != 1.0:
+        m, d = m / scale, d / scale
     if row_space:  # right singular vectors: calibrate the transpose
         m, d = m.mT, d.mT
     if target is not None and not -d.shape[0] <= target < d.shape[0]:
@@ -104,14 +127,35 @@ def _calibration(merged: Tensor, task_deltas, alpha: float, target: int | None, 
     proj = torch.matmul(u.mT, d)                                   # K x k x n
     # Row-wise reductions without K x k x n temporaries:
     inner = sigma * torch.einsum("ikn,kn->ik", proj, vh)          # <a_m, a_i>, a_m = sigma_r v_r^T
-    norm2 = torch.linalg.vector_norm(proj, dim=-1).square().clamp_min(EPS)  # ||a_i||^2
+    # The official clamp at 1e-12, in the scaled units (floored where it would underflow).
+    eps = max(EPS / scale / scale, torch.finfo(dtype).tiny) if scale != 1.0 else EPS
+    norm2 = torch.linalg.vector_norm(proj, dim=-1).square().clamp_min(eps)  # ||a_i||^2
     s = inner / norm2                                              # K x k
     if target is None:
         eta = s.clamp_min(alpha).mean(0)
     else:  # single-task variant keeps the official positivity gate
         st = s[target]
         eta = torch.where(st > 0, st.clamp_min(alpha), torch.ones_like(st))
-    return u, sigma, vh, s, eta
+    return u, sigma, vh, s, eta, scale
+
+
+def _calibrate(merged: Tensor, task_deltas, alpha: float, target: int | None, row_space: bool,
+               dtype: torch.dtype, device, decomposition: str, key: str | None = None,
+               labels: Sequence[str] | None = None) -> Tensor:
+    u, sigma, vh, _, eta, scale = _calibration(merged, task_deltas, alpha, target, row_space, dtype, device,
+                                               decomposition, key, labels)
+    out = (u * (sigma / eta)) @ vh
+    if scale != 1.0:
+        out = out * scale
+    if row_space:
+        out = out.mT
+    out = out.to(merged.device, merged.dtype)
+    if not math.isfinite(max_abs(out)):
+        where = f" of key {key!r}" if key is not None else ""
+        raise ValueError(f"SVC: the calibrated matrix{where} exceeds the range of {merged.dtype} (its singular "
+                         f"values are amplified by up to 1/eta = {float(1 / eta.min()):.3g}); the input is too "
+                         "large for this dtype: rescale the task vectors or use a wider dtype")
+    return out
 
 
 def calibrate_matrix(
@@ -134,12 +178,10 @@ def calibrate_matrix(
     ``dtype`` (float32 as the official code; float64 for reference numbers) on
     ``device`` (default: CUDA when present, else the input's device).
     ``decomposition='svd'`` uses a LAPACK thin SVD instead of the Gram eigendecomposition.
+    NaN/inf input is a ValueError naming the task; huge finite input is scaled by a power
+    of two before decomposing, so it cannot overflow.
     """
-    u, sigma, vh, _, eta = _calibration(merged, task_deltas, alpha, target, row_space, dtype, device, decomposition)
-    out = (u * (sigma / eta)) @ vh
-    if row_space:
-        out = out.mT
-    return out.to(merged.device, merged.dtype)
+    return _calibrate(merged, task_deltas, alpha, target, row_space, dtype, device, decomposition)
 
 
 def calibration_stats(
@@ -156,7 +198,9 @@ def calibration_stats(
     """The quantities behind SVC, for analysis and plots (CPU tensors): ``sigma`` (k,),
     ``s`` (k, K) the projection coefficients, ``gamma`` (k,) = 1 / eta, and
     ``sigma_calibrated`` (k,)."""
-    _, sigma, _, s, eta = _calibration(merged, task_deltas, alpha, target, row_space, dtype, device, decomposition)
+    _, sigma, _, s, eta, scale = _calibration(merged, task_deltas, alpha, target, row_space, dtype, device,
+                                              decomposition)
+    sigma = sigma * scale
     return {"sigma": sigma.cpu(), "s": s.mT.cpu(), "gamma": (1.0 / eta).cpu(), "sigma_calibrated": (sigma / eta).cpu()}
 
 
@@ -193,11 +237,11 @@ def svc(
     for i, tv in enumerate(task_vectors):
         check_same_keys(merged_tv.vector, tv.vector, "the merged task vector", f"task vector {i}")
     chosen = set(svc_keys(merged_tv, keys))
+    labels = [task_label(tv, i) for i, tv in enumerate(task_vectors)]
     out = {}
     for key, value in merged_tv.vector.items():
-        if key in chosen:
+        if key in chosen:  # NaN/inf are refused per key, in the one pass that also sizes the scale
             deltas = torch.stack([tv.vector[key].to(value.device, torch.float32) for tv in task_vectors])
-            value = calibrate_matrix(value, deltas, alpha, target=target, row_space=row_space,
-                                     dtype=dtype, device=device, decomposition=decomposition)
+            value = _calibrate(value, deltas, alpha, target, row_space, dtype, device, decomposition, key, labels)
         out[key] = value
     return TaskVector(vector=out)

@@ -227,3 +227,90 @@ def test_methods_touch_the_documented_vit_b32_keys():
     assert sum(filters["official"](k, s) for k, s in shapes.items()) == 49  # TSV-M (and SVC)
     iso = {k for k, s in shapes.items() if filters["iso"](k, s)}
     assert len(iso) == 52 and "model.token_embedding.weight" in iso and "model.text_projection" not in iso
+
+
+# --- bad input through the Python API (issue 11) -------------------------------------
+
+@pytest.mark.parametrize("name", list(MERGE_METHODS))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_task_vectors_are_refused_naming_task_and_key(name, bad):
+    tvs = make_tvs(3)
+    key = "model.visual.transformer.resblocks.0.mlp.c_proj.weight"
+    tvs[2].vector[key][1, 3] = bad
+    word = "NaN" if bad != bad else "inf"
+    with pytest.raises(ValueError, match=rf"task vector 2 key '{key}' has .*{word}"):
+        run(name, tvs)
+    # lazy task vectors (fine-tuned minus pre-trained, read per key) are checked as they are read
+    pre = {k: torch.zeros(s) for k, s in SHAPES.items()}
+    lazy = [TaskVector(pre, dict(tv.vector)) for tv in tvs]
+    with pytest.raises(ValueError, match=rf"task vector 2 key '{key}'"):
+        run(name, lazy)
+
+
+def test_in_memory_non_finite_input_is_refused_before_any_work(monkeypatch):
+    def no_work(*args):
+        raise AssertionError("an SVD ran before the input was checked")
+
+    monkeypatch.setattr(merge_func, "svd", no_work)
+    tvs = make_tvs(3)
+    tvs[1].vector["model.logit_scale"].fill_(float("nan"))  # the last key
+    for name in ("TSV-M", "Iso-C", "Iso-CTS", "STAR"):
+        with pytest.raises(ValueError, match="task vector 1 key 'model.logit_scale' has 1 NaN"):
+            run(name, tvs)
+
+
+def test_tsvm_with_more_tasks_than_rank_is_a_clear_error():
+    # k = min(4, 6) = 4 < K = 6: int(k / K) = 0 triplets per task would merge the key to zeros.
+    tvs = [TaskVector(vector={"model.visual.proj": torch.randn(4, 6), "model.visual.ln_pre.bias": torch.randn(6)})
+           for _ in range(6)]
+    with pytest.raises(ValueError, match=r"'model.visual.proj' is 4 x 6.*K = 6.*k = 4.*--tsvm_keys.*at most 4"):
+        run("TSV-M", tvs)
+    tvs = make_tvs(2)  # a fraction too small for the 12 x 8 projection: int(8 * 0.1) = 0
+    with pytest.raises(ValueError, match=r"'model.visual.proj'.*raise --tsvm_fraction"):
+        run("TSV-M", tvs, tsvm_fraction=0.1)
+
+
+@pytest.mark.parametrize("k_tasks", [14, 20])
+def test_tsvm_fills_k_tasks_times_int_k_over_k_slots(k_tasks):
+    """Reference-spec section 2: r = int(k * (1/K)); the other k - K r slots stay zero."""
+    assert merge_func.tsvm_rank(768, 1 / k_tasks) * k_tasks == {14: 756, 20: 760}[k_tasks]
+    assert merge_func.tsvm_rank(512, 1 / k_tasks) * k_tasks == {14: 504, 20: 500}[k_tasks]
+    g = torch.Generator().manual_seed(k_tasks)
+    tvs = [TaskVector(vector={"model.visual.proj": torch.randn(40, 30, generator=g)}) for _ in range(k_tasks)]
+    out = run("TSV-M", tvs).vector["model.visual.proj"]
+    svals = torch.linalg.svdvals(out)
+    assert int((svals > 1e-4 * svals[0]).sum()) == k_tasks * (30 // k_tasks)  # 28 at K = 14, 20 at K = 20
+
+
+def test_iso_cts_without_room_for_task_subspaces_is_iso_c():
+    # k = 5 at K = 8: common 5, per task 0 (like the 50 x 768 positional embedding at K = 20).
+    assert iso_cts_dims(5, 8, 0.8) == (5, 0)
+    g = torch.Generator().manual_seed(0)
+    tvs = [TaskVector(vector={"model.visual.proj": torch.randn(5, 7, generator=g)}) for _ in range(8)]
+    cts, iso = run("Iso-CTS", tvs).vector["model.visual.proj"], run("Iso-C", tvs).vector["model.visual.proj"]
+    assert torch.allclose(cts, iso, atol=1e-5)
+
+
+def test_iso_cts_negative_common_subspace_is_a_clear_error():
+    # k = 3, K = 2, fraction 0: round(3 / 2) * 2 = 4 task slots > k = 3.
+    assert iso_cts_dims(3, 2, 0.0)[0] < 0
+    tvs = [TaskVector(vector={"model.visual.proj": torch.randn(3, 5)}) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"'model.visual.proj'.*k = 3.*K = 2.*iso_common_fraction"):
+        run("Iso-CTS", tvs, iso_common_fraction=0.0)
+
+
+def test_dare_masks_follow_the_official_global_seed_and_key_order():
+    """Official DARE: torch.manual_seed(42), then one bernoulli(p) draw per key on the stacked
+    K x ... tensor, in key order; kept entries / (1 - p), mean over tasks."""
+    tvs = make_tvs(3, seed=8)
+    torch.manual_seed(42)
+    expected = {}
+    for key in SHAPES:
+        d = stacked(tvs, key)
+        drop = torch.bernoulli(torch.full_like(d, 0.8))
+        expected[key] = (d * (1 - drop) / (1 - 0.8)).mean(0)
+    out = run("DARE", tvs).vector
+    for key in SHAPES:
+        assert torch.allclose(out[key], expected[key], rtol=1e-6, atol=1e-6), key
+    swapped = run("DARE", [tvs[1], tvs[0], tvs[2]]).vector  # masks follow task order
+    assert not torch.allclose(swapped["model.visual.proj"], out["model.visual.proj"])

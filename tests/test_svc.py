@@ -218,3 +218,86 @@ def test_svc_rejects_mismatched_inputs():
         svc(merged, [bad] + tvs[1:], 0.5)
     with pytest.raises(ValueError, match="alpha"):
         svc(merged, tvs, math.nan)
+
+
+# --- bad and extreme input through the Python API (issue 11) ---------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_is_refused_naming_the_task(bad):
+    d = structured(3, 10, 6)
+    merged = 0.3 * d.sum(0)
+    word = "NaN" if bad != bad else "inf"
+    broken = d.clone()
+    broken[2, 4, 1] = bad
+    with pytest.raises(ValueError, match=rf"task delta 2 has .*{word}"):
+        calibrate_matrix(merged, broken, 0.5)
+    with pytest.raises(ValueError, match=rf"task delta 2 has .*{word}"):
+        calibration_stats(merged, broken, 0.5)
+    broken_merged = merged.clone()
+    broken_merged[0, 0] = bad
+    with pytest.raises(ValueError, match=rf"merged matrix has .*{word}"):
+        calibrate_matrix(broken_merged, d, 0.5, decomposition="svd")
+
+
+def test_svc_names_the_task_and_key_of_non_finite_input():
+    tvs = tiny_task_vectors()
+    merged = 0.3 * sum(tvs)
+    key = "model.visual.transformer.resblocks.0.mlp.c_fc.weight"
+    tvs[1].vector[key][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=rf"task vector 1 key '{key}' has 1 NaN"):
+        svc(merged, tvs, 1 / 3)
+    tvs = tiny_task_vectors()
+    merged.vector["model.visual.proj"][2, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"merged matrix key 'model.visual.proj' has 0 NaN and 1 inf"):
+        svc(merged, tvs, 1 / 3)
+
+
+@pytest.mark.parametrize("decomposition", ["gram", "svd"])
+@pytest.mark.parametrize("peak", [1e25, 1e30, 1e36, 3e38])
+def test_huge_finite_float32_input_stays_finite_and_exact(decomposition, peak):
+    # Identical tasks under TA: s = 0.3 K for every rank, so SVC returns the task itself.
+    k_tasks = 4
+    base = structured(1, 24, 16, seed=2)[0]
+    task = base * (peak / (0.3 * k_tasks) / base.abs().max())  # merged entries up to `peak`
+    deltas = task.expand(k_tasks, -1, -1).clone()
+    merged = (0.3 * k_tasks) * task  # = 0.3 x the sum, which would overflow on the way at 3e38
+    assert torch.isfinite(merged).all() and merged.dtype == torch.float32
+    out = calibrate_matrix(merged, deltas, 1 / k_tasks, decomposition=decomposition)
+    assert torch.isfinite(out).all()
+    assert rel(out, task) < 1e-4
+    # General tasks (one of them with zero response) at the same scale: the unscaled result, rescaled.
+    small = structured(3, 24, 16, seed=4)
+    small[1] = 0
+    factor = peak / max(small.abs().max(), (0.3 * small.sum(0)).abs().max())
+    big = (small.double() * float(factor)).float()
+    expected = reference_svc(0.3 * big.double().sum(0), big.double(), 1 / 3)
+    got = calibrate_matrix((0.3 * big.double().sum(0)).float(), big, 1 / 3, decomposition=decomposition)
+    assert torch.isfinite(got).all() and rel(got, expected) < 2e-4
+
+
+@pytest.mark.parametrize("decomposition", ["gram", "svd"])
+def test_scaling_matches_the_unscaled_computation(decomposition):
+    d = structured(5, 30, 20, seed=9)
+    merged = 0.3 * d.sum(0)
+    plain = calibrate_matrix(merged, d, 0.2, decomposition=decomposition)
+    for factor in (2.0 ** 40, 2.0 ** 90):  # exact in float32, large enough to be scaled internally
+        scaled = calibrate_matrix(merged * factor, d * factor, 0.2, decomposition=decomposition)
+        assert rel(scaled / factor, plain) < 1e-6
+    moderate = 1e12  # not a power of two; the float64 reference has no overflow at this size
+    expected = reference_svc(merged.double() * moderate, d.double() * moderate, 0.2)
+    assert rel(calibrate_matrix(merged * moderate, d * moderate, 0.2, decomposition=decomposition), expected) < 2e-4
+    stats, big_stats = calibration_stats(merged, d, 0.2), calibration_stats(merged * 2.0 ** 90, d * 2.0 ** 90, 0.2)
+    assert torch.allclose(big_stats["sigma"] / 2.0 ** 90, stats["sigma"], rtol=1e-9)
+    assert torch.allclose(big_stats["gamma"], stats["gamma"], rtol=1e-9)
+
+
+def test_result_beyond_the_dtype_range_is_a_clear_error():
+    # Disjoint tasks are amplified by 1/eta > 1: near the float32 maximum that cannot be stored.
+    k_tasks = 4
+    deltas = torch.zeros(k_tasks, 8, 8)
+    for i in range(k_tasks):
+        deltas[i, 2 * i:2 * i + 2, 2 * i:2 * i + 2] = torch.randn(2, 2, generator=torch.Generator().manual_seed(i))
+    deltas = (deltas.double() * (2e38 / deltas.abs().max().item())).float()
+    merged = deltas.sum(0)  # lambda = 1: eta = (1 + 3 / 8) / 4, so x 2.9 on entries up to 2e38
+    with pytest.raises(ValueError, match="exceeds the range of torch.float32"):
+        calibrate_matrix(merged, deltas, 0.125)

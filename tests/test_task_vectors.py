@@ -69,3 +69,21 @@ def test_apply_to_state_dict_and_module():
     assert torch.allclose(module.model.weight, base["model.weight"] + 0.3)
     with pytest.raises(KeyError, match="model.nope"):
         TaskVector(vector={"model.nope": torch.ones(1)}).apply_to(module)
+
+
+def test_require_finite_checks_in_memory_vectors_now_and_lazy_ones_when_read(tmp_path):
+    from src.task_vectors import check_finite, require_finite
+
+    assert check_finite(torch.tensor([-3.0, 2.0]), "x") == 3.0
+    good = TaskVector(vector={"model.a": torch.ones(2)})
+    bad = TaskVector(vector={"model.a": torch.tensor([1.0, float("nan")])})
+    with pytest.raises(ValueError, match=r"task vector 1 key 'model.a' has 1 NaN and 0 inf values \(of 2\)"):
+        require_finite([good, bad])
+    # Finite checkpoint files whose difference overflows float32: caught when the key is read,
+    # and the message names the fine-tuned file.
+    torch.save({"model.a": torch.full((2,), -3e38), "model.b": torch.zeros(3)}, tmp_path / "zeroshot.pt")
+    torch.save({"model.a": torch.full((2,), 3e38), "model.b": torch.ones(3)}, tmp_path / "finetuned.pt")
+    (lazy,) = require_finite([TaskVector(str(tmp_path / "zeroshot.pt"), str(tmp_path / "finetuned.pt"))])
+    assert torch.equal(lazy.vector["model.b"], torch.ones(3)) and lazy.shapes()["model.a"] == (2,)
+    with pytest.raises(ValueError, match=r"task vector 0 \(.*finetuned.pt\) key 'model.a' has 0 NaN and 2 inf"):
+        lazy.vector["model.a"]
