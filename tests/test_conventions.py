@@ -1,4 +1,6 @@
 """Evaluation conventions: the checkpoints' reference code decides class names, templates and data."""
+import sys
+
 import pytest
 
 import main
@@ -89,3 +91,15 @@ def test_results_line_records_the_convention(workdir):
     assert [line["convention"] for line in lines] == ["task_vectors", "tsv"]
     with pytest.raises(SystemExit):
         main.build_parser().parse_args(["--convention", "openai"])
+
+
+def test_main_refuses_before_any_work(workdir, monkeypatch):
+    """Digits fine-tunes (task_vectors layout) evaluated on FusionBench's EMNIST letters, or PCAM without h5py:
+    a one-line error before any checkpoint is read."""
+    common = ["--model", "demo-micro", "--base_dir", str(workdir), "--logs", str(workdir / "logs"),
+              "--merge", "zeroshot", "--num-workers", "0"]
+    with pytest.raises(SystemExit, match="EMNIST: the 'task_vectors' checkpoints .* digits .* letters"):
+        main.main(common + ["--eval-datasets", "EMNIST", "--convention", "fusionbench"])
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    with pytest.raises(SystemExit, match="PCAM needs the optional package h5py.*pip install h5py"):
+        main.main(common + ["--eval-datasets", "PCAM"])
