@@ -28,7 +28,6 @@ from clip.factory import load_into
 from clip.layout import LAYOUTS
 from src import tuning
 from src.datasets import conventions
-from src.datasets.conventions import CONVENTIONS
 from src.datasets.registry import NAMED_SETS, check_requirements, resolve_tasks
 from src.eval import evaluate_tasks, pick_device
 from src.svc import check_alpha, default_alpha, svc
@@ -105,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
             methods.add_argument(f"--{option}", type=kind, default=None,
                                  help=f"{name} (default {default if default is not None else '1/K'})")
     evaluation = p.add_argument_group("evaluation conventions")
-    evaluation.add_argument("--convention", choices=("auto", *CONVENTIONS), default="auto",
+    evaluation.add_argument("--convention", choices=("auto", *conventions.CONVENTIONS), default="auto",
                             help="whose class names, templates and data the heads follow: task_vectors, tsv or "
                                  "fusionbench (default auto: the checkpoint layout's, hf -> fusionbench)")
     return p
@@ -246,7 +245,7 @@ def run(args) -> dict:
     results = Path(args.logs) / args.model / "results.jsonl"
     ckpts = clip.find_checkpoints(args.model, args.base_dir, tasks, layout=args.checkpoint_layout)
     args.eval_convention = conventions.resolve(args.convention, ckpts.layout)
-    conventions.check_layout(ckpts.layout, args.eval_convention, tasks + datasets)
+    conventions.check_layout(ckpts.layout, args.eval_convention, tasks)  # EMNIST: the fine-tune's own data
     check_requirements(datasets)
     ckpts.check(args.model)
     # the same request on other checkpoints (a rebuilt zoo, new downloads) is not done yet

@@ -1,5 +1,6 @@
 """Evaluation conventions: the checkpoints' reference code decides class names, templates and data."""
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -93,13 +94,17 @@ def test_results_line_records_the_convention(workdir):
         main.build_parser().parse_args(["--convention", "openai"])
 
 
-def test_main_refuses_before_any_work(workdir, monkeypatch):
-    """Digits fine-tunes (task_vectors layout) evaluated on FusionBench's EMNIST letters, or PCAM without h5py:
-    a one-line error before any checkpoint is read."""
-    common = ["--model", "demo-micro", "--base_dir", str(workdir), "--logs", str(workdir / "logs"),
-              "--merge", "zeroshot", "--num-workers", "0"]
-    with pytest.raises(SystemExit, match="EMNIST: the 'task_vectors' checkpoints .* digits .* letters"):
-        main.main(common + ["--eval-datasets", "EMNIST", "--convention", "fusionbench"])
+def test_main_refuses_before_any_work(monkeypatch):
+    """FusionBench's EMNIST letters fine-tune under another convention's EMNIST digits, or PCAM without h5py: a
+    one-line error before any checkpoint is read."""
+    def fake_checkpoints(layout):
+        return SimpleNamespace(layout=layout, check=lambda *a: pytest.fail("checkpoints were read"))
+
+    common = ["--model", "ViT-B-32", "--merge", "TA", "--num-workers", "0", "--logs", "unused"]
+    monkeypatch.setattr(main.clip, "find_checkpoints", lambda *a, **k: fake_checkpoints("hf"))
+    with pytest.raises(SystemExit, match="EMNIST: the 'hf' checkpoints .* letters .*--convention tsv .* digits"):
+        main.main(common + ["--tasks", "MNIST,EMNIST", "--convention", "tsv"])
+    monkeypatch.setattr(main.clip, "find_checkpoints", lambda *a, **k: fake_checkpoints("tsv"))
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(SystemExit, match="PCAM needs the optional package h5py.*pip install h5py"):
-        main.main(common + ["--eval-datasets", "PCAM"])
+        main.main(common + ["--tasks", "MNIST,PCAM"])

@@ -103,8 +103,8 @@ def same_definitions(task: str, first: str | None, second: str | None) -> bool:
 
 
 def check_layout(layout: str, convention: str, tasks: list[str]) -> None:
-    """A task whose data differs between conventions (EMNIST: digits or letters) can only be evaluated under the
-    convention its fine-tune was made for: the hf layout loads FusionBench's letters fine-tune."""
+    """A merged task whose data differ between conventions (EMNIST: digits or letters) can only be evaluated
+    under the convention its fine-tune was made for: the hf layout loads FusionBench's letters fine-tune."""
     native = convention_for_layout(layout)
     for task in sorted({t[:-3] if t.endswith("Val") else t for t in tasks}):
         wanted, given = variant(task, native), variant(task, convention)
@@ -114,4 +114,4 @@ def check_layout(layout: str, convention: str, tasks: list[str]) -> None:
             raise ValueError(
                 f"{task}: the '{layout}' checkpoints were fine-tuned on {task} {describe(wanted)} ({native} "
                 f"convention), but --convention {convention} evaluates {task} {describe(given)}. Use --convention "
-                f"{native} (or auto), or leave {task} out of --tasks / --eval-datasets.")
+                f"{native} (or auto), or leave {task} out of --tasks.")
