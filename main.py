@@ -27,7 +27,8 @@ import utils
 from clip.factory import load_into
 from clip.layout import LAYOUTS
 from src import tuning
-from src.datasets.registry import NAMED_SETS, resolve_tasks
+from src.datasets import conventions
+from src.datasets.registry import NAMED_SETS, check_requirements, resolve_tasks
 from src.eval import evaluate_tasks, pick_device
 from src.svc import check_alpha, default_alpha, svc
 from src.task_vectors import TaskVector
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
             kind = _str2bool if isinstance(default, bool) else type(default) if default is not None else float
             methods.add_argument(f"--{option}", type=kind, default=None,
                                  help=f"{name} (default {default if default is not None else '1/K'})")
+    evaluation = p.add_argument_group("evaluation conventions")
+    evaluation.add_argument("--convention", choices=("auto", *conventions.CONVENTIONS), default="auto",
+                            help="whose class names, templates and data the heads follow: task_vectors, tsv or "
+                                 "fusionbench (default auto: the checkpoint layout's, hf -> fusionbench)")
     return p
 
 
@@ -117,24 +122,31 @@ def load_task_vectors(ckpts, zeroshot, tasks: list[str]) -> list[TaskVector]:
     return [TaskVector(zeroshot, ckpts.load_finetuned(t, zeroshot)) for t in tasks]
 
 
-def load_heads(args, ckpts, tasks: list[str]) -> dict:
+def load_heads(args, ckpts, tasks: list[str], convention: str) -> dict:
+    """The released head when it was made with `convention`'s class names and templates, else the one cached for
+    the convention (src.heads.head_path), else one built from CLIP's text tower and cached."""
+    from src.heads import get_classification_head, head_path
+
     heads, missing = {}, []
+    released_under = conventions.released_heads_convention(ckpts.layout)
     for task in tasks:
         base = task[:-3] if task.endswith("Val") else task
-        path = ckpts.heads.get(base) or ckpts.root / f"head_{base}.pt"
-        if Path(path).exists():
-            heads[base] = clip.load_head(path)
+        released = ckpts.heads.get(base)
+        if released and Path(released).exists() and conventions.same_definitions(base, convention, released_under):
+            heads[base] = clip.load_head(released)
+        elif head_path(ckpts.root, base, convention).exists():
+            heads[base] = clip.load_head(head_path(ckpts.root, base, convention))
         else:
             missing.append(base)
     if missing:  # build from CLIP's text tower (needs the released OpenAI weights once)
         import open_clip
 
-        from src.heads import get_classification_head
-
-        print(f"building zero-shot heads for {missing} from {args.model}'s text tower", flush=True)
+        print(f"building zero-shot heads for {missing} from {args.model}'s text tower ({convention} convention)",
+              flush=True)
         text_model = open_clip.create_model(args.model, pretrained="openai")
         for base in missing:
-            heads[base] = get_classification_head(args.model, base, ckpts.root, args.data_location, clip_model=text_model)
+            heads[base] = get_classification_head(args.model, base, ckpts.root, args.data_location,
+                                                  clip_model=text_model, convention=convention)
     return heads
 
 
@@ -174,7 +186,7 @@ def evaluate(args, encoder, heads, datasets: list[str]) -> dict[str, float]:
     return evaluate_tasks(encoder, datasets, heads, encoder.val_preprocess, args.data_location, device=args.device_obj,
                           batch_size=args.batch_size, num_workers=args.num_workers,
                           progress=False if args.no_progress else None, amp=args.amp, seed=args.seed,
-                          download=args.download)
+                          download=args.download, convention=args.eval_convention)
 
 
 def individual_for(args, ckpts, encoder, heads, datasets, zeroshot_sd) -> dict[str, float] | None:
@@ -232,6 +244,9 @@ def run(args) -> dict:
     request = requested(args, merge, tasks, datasets)
     results = Path(args.logs) / args.model / "results.jsonl"
     ckpts = clip.find_checkpoints(args.model, args.base_dir, tasks, layout=args.checkpoint_layout)
+    args.eval_convention = conventions.resolve(args.convention, ckpts.layout)
+    conventions.check_layout(ckpts.layout, args.eval_convention, tasks)  # EMNIST: the fine-tune's own data
+    check_requirements(datasets)
     ckpts.check(args.model)
     # the same request on other checkpoints (a rebuilt zoo, new downloads) is not done yet
     done = {"request": request, "checkpoints": fingerprint(ckpts)}
@@ -243,10 +258,10 @@ def run(args) -> dict:
     with utils.timer(times, "load_seconds"):
         zeroshot_sd = ckpts.load_zeroshot(args.model)
         encoder = clip.build_image_encoder(args.model, zeroshot_sd)
-        heads = load_heads(args, ckpts, datasets)
+        heads = load_heads(args, ckpts, datasets, args.eval_convention)
     record: dict = {"model": args.model, "merge": merge, "svc": False, "alpha": None, "scaling_coef": None,
-                    "tasks": tasks, "layout": ckpts.layout, "seed": args.seed, "threads": threads,
-                    "device": str(args.device_obj), **done}
+                    "tasks": tasks, "layout": ckpts.layout, "convention": args.eval_convention, "seed": args.seed,
+                    "threads": threads, "device": str(args.device_obj), **done}
 
     if merge == "finetuned":
         with utils.timer(times, "eval_seconds"):

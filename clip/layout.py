@@ -21,6 +21,9 @@ from clip.checkpoint import (WHERE_CHECKPOINTS_COME_FROM, CheckpointError, State
 LAYOUTS = ("task_vectors", "tsv", "hf")
 HF_NAMES = {"ViT-B-32": "clip-vit-base-patch32", "ViT-B-16": "clip-vit-base-patch16",
             "ViT-L-14": "clip-vit-large-patch14"}
+# FusionBench's model ids (tanganke/clip-vit-base-patch32_<id>). Its "EMNIST" fine-tune is EMNIST *letters*: it
+# is only evaluated under the fusionbench convention (letters data and head, src/datasets/conventions.py), and
+# main.py refuses it with another convention's EMNIST (digits).
 HF_TASK_IDS = {"SUN397": "sun397", "Cars": "stanford-cars", "RESISC45": "resisc45", "EuroSAT": "eurosat",
                "SVHN": "svhn", "GTSRB": "gtsrb", "MNIST": "mnist", "DTD": "dtd", "Flowers102": "oxford_flowers102",
                "PCAM": "pcam", "FER2013": "fer2013", "OxfordIIITPet": "oxford-iiit-pet", "STL10": "stl10",

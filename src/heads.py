@@ -4,6 +4,7 @@ from typing import Callable
 
 import torch
 
+from src.datasets import conventions
 from src.datasets.registry import DatasetNotFoundError, get_dataset, get_spec
 from src.modeling import ClassificationHead
 
@@ -32,30 +33,39 @@ def build_zeroshot_head(clip_model: torch.nn.Module, tokenizer: Callable, classn
     return ClassificationHead(normalize=True, weights=weights.float().cpu())
 
 
-def head_path(checkpoint_dir: str | Path, task: str) -> Path:
-    """Where the head of `task` lives (task_vectors / SVC convention: next to the checkpoints)."""
-    return Path(checkpoint_dir) / f"head_{task}.pt"
+def head_path(checkpoint_dir: str | Path, task: str, convention: str | None = None) -> Path:
+    """Where the head of `task` is cached, next to the checkpoints. `head_<Task>.pt` holds the task_vectors
+    definitions (the task_vectors release ships these files); a convention whose class names, templates or data
+    differ for `task` caches its head as `head_<Task>_<convention>.pt`, so no head is ever read for a convention
+    it was not built for."""
+    if conventions.same_definitions(task, convention, conventions.DEFAULT):
+        return Path(checkpoint_dir) / f"head_{task}.pt"
+    return Path(checkpoint_dir) / f"head_{task}_{convention}.pt"
 
 
-def task_classnames(task: str, data_location: str) -> list:
+def task_classnames(task: str, data_location: str, convention: str | None = None) -> list:
     """Class names as the original derives them (from the data when it does), else the registered list."""
+    spec = get_spec(task, convention)
+    if spec.fixed_names:
+        return spec.classnames
     try:
-        return get_dataset(task, None, data_location, num_workers=0).classnames
+        return get_dataset(task, None, data_location, num_workers=0, convention=convention).classnames
     except DatasetNotFoundError:
-        return get_spec(task).classnames
+        return spec.classnames
 
 
 def get_classification_head(model_name: str, task: str, checkpoint_dir: str | Path, data_location: str,
                             clip_model: torch.nn.Module | None = None, device: str | torch.device = "cpu",
-                            tokenizer: Callable | None = None) -> ClassificationHead:
-    """Load `<checkpoint_dir>/head_<task>.pt`, or build it with `clip_model`'s text tower and save it there.
+                            tokenizer: Callable | None = None, convention: str | None = None) -> ClassificationHead:
+    """Load `head_path(checkpoint_dir, task, convention)`, or build it with `clip_model`'s text tower from the
+    convention's class names and templates, and save it there.
 
     `clip_model` must carry the real text weights of `model_name` (the task_vectors checkpoints do not contain
     the text transformer), e.g. `open_clip.create_model(model_name, pretrained="openai")`.
     """
     import clip  # the repository's checkpoint package (safe loader)
 
-    path = head_path(checkpoint_dir, task)
+    path = head_path(checkpoint_dir, task, convention)
     if path.exists():
         return clip.load_head(path)
     if clip_model is None:
@@ -63,8 +73,8 @@ def get_classification_head(model_name: str, task: str, checkpoint_dir: str | Pa
             f"classification head {path} not found. Put the released head_{task}.pt there (it ships with the "
             f"task_vectors checkpoints), or pass a CLIP model with its {model_name} text tower to build it.")
     tokenizer = tokenizer or clip.get_tokenizer(model_name)
-    spec = get_spec(task)
-    head = build_zeroshot_head(clip_model, tokenizer, task_classnames(task, data_location), spec.templates, device)
+    names, templates = task_classnames(task, data_location, convention), get_spec(task, convention).templates
+    head = build_zeroshot_head(clip_model, tokenizer, names, templates, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     clip.save_head(head, path)
     return head

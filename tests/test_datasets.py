@@ -1,6 +1,7 @@
 """Dataset registry: tiny fake datasets in the expected layouts, Val splits, task specs, missing-data errors."""
 import os
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -137,6 +138,43 @@ def test_emnist_is_transposed_as_tsv(tmp_path):
     image, label = split.dataset[3]
     assert label == labels[3]
     assert torch.equal((image[0] * 255).round().to(torch.uint8), torch.from_numpy(images[3]).T)
+
+
+def test_emnist_follows_the_convention(tmp_path):
+    images, _ = fake_digits(26, 3)
+    letters = np.arange(1, 27)  # torchvision's EMNIST letters: 1..26 (0 is 'N/A')
+    write_idx(tmp_path / "EMNIST" / "raw", "emnist-letters-test", images, letters)
+    write_idx(tmp_path / "EMNIST" / "raw", "emnist-letters-train", *fake_digits(30, 4))
+    fb = get_dataset("EMNIST", ToTensor(), str(tmp_path), num_workers=0, convention="fusionbench")
+    assert len(fb.dataset) == 26 and fb.classnames == [chr(65 + i) for i in range(26)]
+    assert fb.templates[0]("A") == 'a photo of the digit character: "A".'
+    image, label = fb.dataset[3]
+    assert label == 3  # 'd' -> 3 = 'D', FusionBench's 0..25 labels (HF tanganke/emnist_letters)
+    assert torch.equal((image[0] * 255).round().to(torch.uint8), torch.from_numpy(images[3]))  # stored as is
+    val = get_dataset("EMNISTVal", None, str(tmp_path), num_workers=0, convention="fusionbench")
+    assert len(val.dataset) == 3 and val.classnames == fb.classnames  # Val: 10 % of the letters' train split
+    # the digits (TSV) are another dataset: their files are missing here
+    with pytest.raises(DatasetNotFoundError, match="emnist-digits"):
+        get_dataset("EMNIST", None, str(tmp_path), convention="tsv")
+
+
+def test_fusionbench_names_win_over_names_from_the_data(tmp_path):
+    for prefix, n, seed in (("train", 20, 0), ("t10k", 12, 1)):
+        write_idx(tmp_path / "FashionMNIST/FashionMNIST/raw", prefix, *fake_digits(n, seed))
+    assert get_dataset("FashionMNIST", None, str(tmp_path), num_workers=0).classnames[0] == "T-shirt/top"
+    fb = get_dataset("FashionMNIST", None, str(tmp_path), num_workers=0, convention="fusionbench")
+    assert fb.classnames[0] == "T - shirt / top" and fb.classnames[1:] == T.FASHION_MNIST[1:]
+    with pytest.raises(ValueError, match="unknown convention"):
+        get_dataset("FashionMNIST", None, str(tmp_path), num_workers=0, convention="openai")
+
+
+def test_pcam_without_h5py_names_the_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "h5py", None)  # `import h5py` now raises ImportError
+    with pytest.raises(registry.MissingDependencyError, match="PCAM needs the optional package h5py.*pip install h5py"):
+        get_dataset("PCAM", None, str(tmp_path))
+    with pytest.raises(DatasetNotFoundError, match="pip install h5py"):  # what main.py reports before any work
+        registry.check_requirements(["MNIST", "PCAMVal"])
+    registry.check_requirements(["MNIST", "EMNIST"])
 
 
 # ---- folder layouts -----------------------------------------------------------------------------------------

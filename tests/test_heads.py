@@ -1,5 +1,6 @@
 """Zero-shot heads from a tiny randomly initialised open_clip CLIP (real architecture, real tokenizer)."""
 import os
+from types import SimpleNamespace
 
 import open_clip
 import pytest
@@ -89,3 +90,41 @@ def test_get_head_uses_class_names_from_data(model, tmp_path):
                                    tokenizer=open_clip.tokenize)
     assert head.weight.shape == (2, 16)  # the 2 folders, not the 47 registered DTD classes
     torch.testing.assert_close(head.weight, reference_weights(model, ["banded", "zigzagged"], T.TEMPLATES["DTD"]))
+
+
+def test_heads_are_cached_per_convention(model, tmp_path):
+    ckpt, data = tmp_path / "ckpt", str(tmp_path / "data")
+    assert head_path(ckpt, "MNIST", "fusionbench") == ckpt / "head_MNIST.pt"  # same names and templates
+    assert head_path(ckpt, "STL10", "tsv") == ckpt / "head_STL10_tsv.pt"  # TSV: the 18 CIFAR templates
+    kwargs = dict(clip_model=model, tokenizer=open_clip.tokenize)
+    letters = get_classification_head("ViT-B-32", "EMNIST", ckpt, data, convention="fusionbench", **kwargs)
+    digits = get_classification_head("ViT-B-32", "EMNIST", ckpt, data, convention="tsv", **kwargs)
+    assert letters.weight.shape == (26, 16) and digits.weight.shape == (10, 16)  # no head read for the other
+    assert (ckpt / "head_EMNIST_fusionbench.pt").is_file() and (ckpt / "head_EMNIST.pt").is_file()
+    torch.testing.assert_close(letters.weight, reference_weights(model, T.FB_EMNIST_LETTERS, T.FB_EMNIST_TEMPLATES))
+    again = get_classification_head("ViT-B-32", "EMNIST", ckpt, data, convention="fusionbench")  # from the cache
+    assert torch.equal(again.weight, letters.weight)
+    stl = get_classification_head("ViT-B-32", "STL10", ckpt, data, convention="tsv", **kwargs)
+    torch.testing.assert_close(stl.weight, reference_weights(model, T.STL10, T.CIFAR_TEMPLATES))
+
+
+def test_released_heads_are_read_only_under_their_convention(model, tmp_path):
+    """A TSV release's head_STL10Val.pt (CIFAR templates) is not the task_vectors STL10 head, and an old
+    head_EMNIST.pt (digits) is never the fusionbench letters head."""
+    import clip
+    import main
+
+    def save(name, rows):
+        head = build_zeroshot_head(model, open_clip.tokenize, [f"c{i}" for i in range(rows)], [lambda c: c])
+        clip.save_head(head, tmp_path / name)
+
+    save("head_STL10Val.pt", 3)  # the TSV release
+    save("head_STL10.pt", 4)  # built earlier under task_vectors
+    save("head_EMNIST.pt", 10)
+    save("head_EMNIST_fusionbench.pt", 26)
+    tsv = SimpleNamespace(layout="tsv", root=tmp_path, heads={"STL10": tmp_path / "head_STL10Val.pt"})
+    assert main.load_heads(None, tsv, ["STL10Val"], "tsv")["STL10"].weight.shape[0] == 3
+    assert main.load_heads(None, tsv, ["STL10"], "task_vectors")["STL10"].weight.shape[0] == 4
+    hf = SimpleNamespace(layout="hf", root=tmp_path, heads={"EMNIST": tmp_path / "head_EMNIST.pt"})
+    assert main.load_heads(None, hf, ["EMNIST"], "fusionbench")["EMNIST"].weight.shape[0] == 26
+    assert main.load_heads(None, hf, ["EMNIST"], "tsv")["EMNIST"].weight.shape[0] == 10

@@ -7,11 +7,13 @@ nothing is downloaded unless the caller asks for it.
 import importlib
 import importlib.util
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, random_split
+
+from src.datasets import conventions
 
 Builder = Callable[..., Dataset]
 
@@ -33,6 +35,10 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are missing; the message names the folder expected and how to get the data."""
 
 
+class MissingDependencyError(DatasetNotFoundError):
+    """A dataset's files cannot be read without an optional package; the message names the pip command."""
+
+
 @dataclass
 class DatasetSpec:
     name: str
@@ -40,17 +46,20 @@ class DatasetSpec:
     classnames: list
     templates: list[Callable[[str], str]]
     val_from_train: bool = True
+    requires: tuple[str, ...] = ()  # optional packages needed to read the files (PCAM: h5py)
+    fixed_names: bool = False  # the convention prescribes `classnames`: they win over names found in the data
 
 
 _REGISTRY: dict[str, DatasetSpec] = {}
 
 
 def register_dataset(name: str, build: Builder, classnames: list, templates: list[Callable[[str], str]],
-                     val_from_train: bool = True) -> None:
-    """Register a task. With `val_from_train` the registry cuts "val" out of "train" itself."""
+                     val_from_train: bool = True, requires: tuple[str, ...] = ()) -> None:
+    """Register a task. With `val_from_train` the registry cuts "val" out of "train" itself. A builder that
+    takes a `convention` keyword gets the run's convention (src.datasets.conventions)."""
     if name.lower().endswith("val"):
         raise ValueError(f"dataset name {name!r} must not end in 'Val': '<Task>Val' names the validation split")
-    _REGISTRY[name] = DatasetSpec(name, build, list(classnames), list(templates), val_from_train)
+    _REGISTRY[name] = DatasetSpec(name, build, list(classnames), list(templates), val_from_train, tuple(requires))
 
 
 def register_task_set(name: str, tasks: list[str]) -> None:
@@ -111,9 +120,27 @@ def dataset_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_spec(name: str) -> DatasetSpec:
-    """Registration record of a task ('XVal' resolves to X)."""
-    return _REGISTRY[_parse(name)[0]]
+def get_spec(name: str, convention: str | None = None) -> DatasetSpec:
+    """Registration record of a task ('XVal' resolves to X), with what `convention` changes applied."""
+    spec = _REGISTRY[_parse(name)[0]]
+    changed = conventions.override(spec.name, convention)
+    if changed is None:
+        return spec
+    return replace(spec, classnames=list(changed.classnames) if changed.classnames is not None else spec.classnames,
+                   templates=list(changed.templates) if changed.templates is not None else spec.templates,
+                   fixed_names=changed.classnames is not None)
+
+
+def check_requirements(names: list[str]) -> None:
+    """Raise MissingDependencyError, naming the pip command, if a task needs an optional package not installed."""
+    for name in names:
+        spec = get_spec(name)
+        for module in spec.requires:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise MissingDependencyError(f"{spec.name} needs the optional package {module} to read its files: "
+                                             f"pip install {module}") from None
 
 
 def split_train_val(train: Dataset, name: str = "") -> tuple[Subset, Subset]:
@@ -127,13 +154,18 @@ def split_train_val(train: Dataset, name: str = "") -> tuple[Subset, Subset]:
     return parts[0], parts[1]
 
 
-def _call_build(spec: DatasetSpec, split: str, preprocess, location: str, download: bool) -> Dataset:
+def _call_build(spec: DatasetSpec, split: str, preprocess, location: str, download: bool,
+                convention: str | None = None) -> Dataset:
+    check_requirements([spec.name])
+    parameters = inspect.signature(spec.build).parameters
+    kwargs = {"convention": conventions.check_convention(convention or conventions.DEFAULT)} \
+        if "convention" in parameters else {}
     if not download:
-        return spec.build(split, preprocess, location)
-    if "download" not in inspect.signature(spec.build).parameters:
+        return spec.build(split, preprocess, location, **kwargs)
+    if "download" not in parameters:
         raise ValueError(f"{spec.name} cannot be downloaded automatically; prepare it by hand "
                          f"(see the error without --download for the layout expected)")
-    return spec.build(split, preprocess, location, download=True)
+    return spec.build(split, preprocess, location, download=True, **kwargs)
 
 
 def _classnames_of(dataset: Dataset, default: list) -> list:
@@ -162,24 +194,27 @@ class DatasetSplit:
         return self.loader
 
 
-def load_split(name: str, split: str, preprocess, location: str, download: bool = False) -> Dataset:
+def load_split(name: str, split: str, preprocess, location: str, download: bool = False,
+               convention: str | None = None) -> Dataset:
     """The raw torch Dataset of one split of a task ("train" is the remainder after cutting "val")."""
     spec = get_spec(name)
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     if split == "test" or not spec.val_from_train:
-        return _call_build(spec, split, preprocess, location, download)
-    train, val = split_train_val(_call_build(spec, "train", preprocess, location, download), spec.name)
+        return _call_build(spec, split, preprocess, location, download, convention)
+    train, val = split_train_val(_call_build(spec, "train", preprocess, location, download, convention), spec.name)
     return train if split == "train" else val
 
 
 def get_dataset(name: str, preprocess, location: str, batch_size: int = 128, num_workers: int = 2,
-                split: str | None = None, download: bool = False) -> DatasetSplit:
-    """Task `name` ("XVal" -> split "val" of X, else "test" unless `split` is given) with a non-shuffled loader."""
+                split: str | None = None, download: bool = False, convention: str | None = None) -> DatasetSplit:
+    """Task `name` ("XVal" -> split "val" of X, else "test" unless `split` is given) with a non-shuffled loader;
+    data, class names and templates follow `convention` (default task_vectors, src.datasets.conventions)."""
     base, is_val_name = _parse(name)
     split = split or ("val" if is_val_name else "test")
-    spec = _REGISTRY[base]
-    dataset = load_split(base, split, preprocess, location, download)
+    spec = get_spec(base, convention)
+    dataset = load_split(base, split, preprocess, location, download, convention)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     label = f"{base}Val" if split == "val" else base
-    return DatasetSplit(label, _classnames_of(dataset, spec.classnames), spec.templates, dataset, loader)
+    names = spec.classnames if spec.fixed_names else _classnames_of(dataset, spec.classnames)
+    return DatasetSplit(label, names, spec.templates, dataset, loader)

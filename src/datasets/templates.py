@@ -4,6 +4,9 @@ Class names are the ones the original code feeds to the text tower: task_vectors
 tall-masks code for the other 12. Where the original reads them from the data (Cars, DTD, EuroSAT, SUN397 and
 the torchvision `.classes` sets) the loaders in this package derive them from the files in the same way and
 these lists are the fallback used without data (they are what the standard releases contain).
+
+CLASSNAMES / TEMPLATES are the task_vectors convention (TSV's for the tasks task_vectors does not define). The
+lists at the end are what the TSV and FusionBench conventions change; `src.datasets.conventions` says where.
 """
 from typing import Callable
 
@@ -1000,7 +1003,7 @@ TEMPLATES: dict[str, list[Callable[[str], str]]] = {
     "SVHN": _number,
     "RESISC45": _resisc,
     "SUN397": _a_the,
-    # task_vectors and tall-masks use these 2 for STL10 (some TSV forks use the 18 CIFAR ones).
+    # task_vectors (src/datasets/templates.py) and FusionBench use these 2; TSV uses the 18 CIFAR ones.
     "STL10": _a_the,
     "CIFAR10": _cifar,
     "CIFAR100": _cifar,
@@ -1017,8 +1020,28 @@ TEMPLATES: dict[str, list[Callable[[str], str]]] = {
     "PCAM": [lambda c: f"this is a photo of {c}"],
     "OxfordIIITPet": [lambda c: f"a photo of a {c}, a type of pet."],
     "RenderedSST2": [lambda c: f"a {c} review of a movie."],
-    # TSV wording; tall-masks uses 'a photo of the digit character: "{c}".'
+    # TSV wording (digits); tall-masks uses 'a photo of the digit character: "{c}".', as FusionBench's letters.
     "EMNIST": _number,
     "FashionMNIST": _a_the,
     "KMNIST": [lambda c: f"a photo of the character {c}."],
 }
+
+# ---- what the TSV and FusionBench conventions change (see src/datasets/conventions.py) ----------------------
+CIFAR_TEMPLATES = _cifar
+
+# FusionBench: fusion_bench/tasks/clip_classification/<module>.py (tanganke/fusion_bench). Each list is in the
+# label order of the data this package reads (torchvision / task_vectors folders); only the wording differs,
+# except FER2013 (see below).
+FB_FLOWERS102 = [{15: "globe-flower", 59: "pink-yellow dahlia?", 92: "ball moss"}.get(i, name)
+                 for i, name in enumerate(FLOWERS102)]                                   # flower102.py
+FB_OXFORD_PETS = [name.lower().replace(" ", "_") for name in OXFORD_PETS]                # oxford_iiit_pet.py
+FB_CIFAR100 = ["cra" if name == "crab" else name for name in CIFAR100]  # cifar100.py `fine_label` (its typo)
+FB_FOOD101 = [name.replace("_", " ") for name in FOOD101]                               # food101.py
+FB_FASHION_MNIST = ["T - shirt / top"] + FASHION_MNIST[1:]                                # fashion_mnist.py
+FB_KMNIST = ["お", "き", "す", "つ", "な", "は", "ま", "や", "れ", "を"]  # kmnist.py: hiragana (torchvision: romaji)
+# fer2013.py lists angry, disgusted, fearful, happy, neutral, sad, surprised: the label order of its data
+# (clip-benchmark/wds_fer2013). torchvision's FER2013 (Kaggle csv) puts neutral last: same words, our order.
+FB_FER2013 = ["angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral"]
+# emnist_letters.py: FusionBench's EMNIST task is EMNIST letters (HF tanganke/emnist_letters, labels 0..25 = A..Z).
+FB_EMNIST_LETTERS = [chr(ord("A") + i) for i in range(26)]
+FB_EMNIST_TEMPLATES = [lambda c: f'a photo of the digit character: "{c}".']

@@ -3,6 +3,7 @@
 Nothing is fetched unless the caller passes download=True (`--download`); FER2013 cannot be downloaded by
 torchvision (Kaggle) and must be placed by hand as <data-location>/fer2013/fer2013.csv (or icml_face_data.csv).
 """
+import inspect
 import os
 from typing import Callable
 
@@ -10,6 +11,7 @@ import torchvision.datasets as tvd
 import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset
 
+from src.datasets import conventions
 from src.datasets import templates as T
 from src.datasets.registry import DatasetNotFoundError, register_dataset
 
@@ -28,16 +30,36 @@ class EMNISTOrientation:
         return TF.hflip(TF.rotate(image, -90))
 
 
+def _letter_index(label: int) -> int:
+    """torchvision's EMNIST letters are labelled 1..26 (0 is 'N/A'); FusionBench's copy 0..25 = A..Z."""
+    return label - 1
+
+
+def _emnist(root: str, train: bool, transform, download: bool, convention: str) -> Dataset:
+    """TSV (and task_vectors, which has no EMNIST): the digits, transposed upright as TSV's
+    src/datasets/emnist.py does. FusionBench: the letters as HF tanganke/emnist_letters stores them, i.e. the raw
+    EMNIST files untransposed (its loading script was adapted from HF's mnist.py, which reshapes the idx bytes
+    as they are), labels 0..25."""
+    if conventions.variant("EMNIST", convention) == "letters":
+        return tvd.EMNIST(root, split="letters", train=train, transform=transform, target_transform=_letter_index,
+                          download=download)
+    return tvd.EMNIST(root, split="digits", train=train, transform=EMNISTOrientation(transform), download=download)
+
+
 def _torchvision_task(task: str, subdir: str, expected: str, make: Callable, names_from_data: bool,
                       downloadable: bool = True) -> Callable:
-    """Builder around a torchvision class: `make(root, train, transform, download)` builds one split."""
+    """Builder around a torchvision class: `make(root, train, transform, download[, convention])` builds one
+    split; `make` gets the run's convention when it takes one (EMNIST)."""
+    takes_convention = "convention" in inspect.signature(make).parameters
 
-    def build(split: str, preprocess, location: str, download: bool = False) -> Dataset:
+    def build(split: str, preprocess, location: str, download: bool = False,
+              convention: str = conventions.DEFAULT) -> Dataset:
         if split not in ("train", "test"):
             raise ValueError(f"{task} has no {split!r} split ({task}Val is cut from train)")
         root = os.path.join(location, subdir) if subdir else location
+        extra = {"convention": convention} if takes_convention else {}
         try:
-            dataset = make(root, split == "train", preprocess, download)
+            dataset = make(root, split == "train", preprocess, download, **extra)
         except (RuntimeError, FileNotFoundError) as err:
             if download:
                 raise
@@ -52,8 +74,8 @@ def _torchvision_task(task: str, subdir: str, expected: str, make: Callable, nam
     if downloadable:
         return build
 
-    def build_local(split: str, preprocess, location: str) -> Dataset:
-        return build(split, preprocess, location)
+    def build_local(split: str, preprocess, location: str, convention: str = conventions.DEFAULT) -> Dataset:
+        return build(split, preprocess, location, convention=convention)
 
     return build_local
 
@@ -78,7 +100,7 @@ _TASKS = {
                    lambda r, t, tf, d: tvd.Flowers102(r, split=_split(t), transform=tf, download=d), False),
     "CIFAR100": ("", "cifar-100-python", lambda r, t, tf, d: tvd.CIFAR100(r, train=t, transform=tf, download=d),
                  True),
-    "PCAM": ("PCAM", "pcam (needs h5py)",
+    "PCAM": ("PCAM", "pcam",
              lambda r, t, tf, d: tvd.PCAM(r, split=_split(t), transform=tf, download=d), False),
     "CIFAR10": ("", "cifar-10-batches-py", lambda r, t, tf, d: tvd.CIFAR10(r, train=t, transform=tf, download=d),
                 True),
@@ -90,15 +112,15 @@ _TASKS = {
                      lambda r, t, tf, d: tvd.RenderedSST2(r, split=_split(t), transform=tf, download=d), True),
     # TSV uses the `digits` split (10 classes). FusionBench's "EMNIST" is `emnist_letters` (26 letters, HF
     # tanganke/emnist_letters), a different task: numbers from the two are not comparable.
-    "EMNIST": ("", "EMNIST/raw/emnist-digits-*",
-               lambda r, t, tf, d: tvd.EMNIST(r, split="digits", train=t, transform=EMNISTOrientation(tf),
-                                              download=d), True),
+    "EMNIST": ("", "EMNIST/raw/emnist-digits-* (emnist-letters-* under the fusionbench convention)", _emnist, True),
     "KMNIST": ("KMNIST", "KMNIST/raw", lambda r, t, tf, d: tvd.KMNIST(r, train=t, transform=tf, download=d), True),
 }
 
+_REQUIRES = {"PCAM": ("h5py",)}  # torchvision reads PCAM's .h5 files with h5py (an optional extra)
+
 for _name, (_subdir, _expected, _make, _from_data) in _TASKS.items():
     register_dataset(_name, _torchvision_task(_name, _subdir, _expected, _make, _from_data),
-                     T.CLASSNAMES[_name], T.TEMPLATES[_name])
+                     T.CLASSNAMES[_name], T.TEMPLATES[_name], requires=_REQUIRES.get(_name, ()))
 
 # TSV reads FER2013 from the Hugging Face copy `Jeneral/fer-2013` (train 28,709 / test 7,178 = PublicTest +
 # PrivateTest); torchvision's reader of the Kaggle csv gives the same splits, possibly in another train order
