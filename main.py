@@ -278,6 +278,7 @@ def run(args) -> dict:
     args.device_obj = pick_device(args.device)
     args.data_location = args.data_location or os.path.join(args.base_dir, "data")
     set_split_folders(split_folders(args.split_folder))  # before any dataset is read
+    utils.read_json(individual_path(args), {})  # a damaged cache stops the run before any work
     times: dict[str, float] = {}
 
     if args.model.startswith("demo"):  # the offline benchmark builds its own checkpoints on first use
