@@ -105,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  help=f"{name} (default {default if default is not None else '1/K'})")
     data = p.add_argument_group("evaluation data and coefficient search")
     data.add_argument("--split-folder", action="append", default=[], metavar="TASK=NAME",
-                      help="read TASK's split from folder NAME when both of its names exist: DTD=val|test, "
-                           "SUN397=val|test (test split), EuroSAT=val|valid (EuroSATVal); task_vectors uses val, "
-                           "the official SVC code test / valid")
+                      help="read TASK's split from folder NAME (needed when both of its names exist and differ): "
+                           "DTD=val|test, SUN397=val|test (test split), EuroSAT=val|valid (EuroSATVal); "
+                           "task_vectors names them val, the official SVC code test / valid")
     data.add_argument("--coef-grid", choices=tuning.COEF_GRIDS, default="default",
                       help="grid of --scaling_coef auto: default (0.05..1; 0.1..3 for TSV-M/Iso), tsv "
                            "(TSV/Iso code: 1/30..1; 0.1..3 for TSV-M/Iso) or task_vectors (0.05..1 for all)")

@@ -26,8 +26,8 @@ _GRID_BY_METHOD = {
 }
 # Named grids for --coef-grid. "default": the grids above. "tsv": the TSV and iso-merging code
 # (src/eval/eval.py, n_eval_points 31): linspace(0, 3, 31)[1:] for TSVM / iso_c / iso_cts, linspace(0, 1, 31)[1:]
-# for every other method. "task_vectors": the task-arithmetic paper's 0.05 steps for every method (the
-# task_vectors repository holds no search code; lambda = 0, the zero-shot model, is left out as in "default").
+# for every other method. "task_vectors": the task-arithmetic paper's 0.05 steps for every method (not checked
+# in code: the task_vectors repository holds no search; lambda = 0, the zero-shot model, is left out).
 COEF_GRIDS = ("default", "tsv", "task_vectors")
 
 
