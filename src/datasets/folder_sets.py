@@ -31,9 +31,9 @@ PREP_HELP = ("Prepare the splits as task_vectors does (https://github.com/mlfoun
 # Split folders that the reference codes name differently: (task, split) -> {folder name: whose name it is}.
 # task_vectors: src/datasets/{dtd,sun397,eurosat}.py; official SVC code: the same files, edited.
 SPLIT_FOLDERS: dict[tuple[str, str], dict[str, str]] = {
-    ("DTD", "test"): {"val": "task_vectors", "test": "official SVC code"},
-    ("SUN397", "test"): {"val": "task_vectors", "test": "official SVC code"},
-    ("EuroSAT", "val"): {"val": "task_vectors", "valid": "official SVC code"},
+    ("DTD", "test"): {"val": "task_vectors", "test": "the official SVC code"},
+    ("SUN397", "test"): {"val": "task_vectors", "test": "the official SVC code"},
+    ("EuroSAT", "val"): {"val": "task_vectors", "valid": "the official SVC code"},
 }
 _chosen: dict[str, str] = {}  # task -> folder name picked by the user (main.py --split-folder)
 
@@ -78,7 +78,7 @@ def _split_dir(task: str, base: str, split: str) -> str:
     found = [p for p in paths if os.path.isdir(p)]
     if len(found) > 1 and not _same_files(*found):
         options = " or ".join(f"--split-folder {task}={name}" for name in folders)
-        described = " and ".join(f"{p} ({who}'s {split} split)" for p, who in zip(paths, folders.values()))
+        described = " and ".join(f"{p} (the {split} split of {who})" for p, who in zip(paths, folders.values()))
         raise ValueError(f"{task}: both {described} exist and hold different files, so which one is the {split} "
                          f"split is ambiguous; pick one with {options}")
     return _first_dir(task, found or paths)
