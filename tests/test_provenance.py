@@ -1,7 +1,6 @@
 """Evaluation fidelity: which split folder was read, where every evaluated dataset came from, and
 normalised accuracy from the fine-tuned checkpoints being evaluated."""
 import json
-import os
 import shutil
 
 import pytest
