@@ -28,7 +28,7 @@ from clip.factory import load_into
 from clip.layout import LAYOUTS
 from src import tuning
 from src.datasets.registry import NAMED_SETS, resolve_tasks
-from src.datasets.folder_sets import set_split_folders
+from src.datasets.folder_sets import canonical_split_folders, set_split_folders
 from src.eval import describe_tasks, evaluate_tasks, pick_device
 from src.svc import check_alpha, default_alpha, svc
 from src.task_vectors import TaskVector
@@ -250,7 +250,7 @@ def requested(args, merge: str, tasks: list[str], datasets: list[str]) -> dict:
     request is already in results.jsonl."""
     request = {"merge": merge, "tasks": tasks, "datasets": datasets, "seed": args.seed}
     if args.split_folder:  # only when given, so requests logged before the flag existed still match
-        request["split_folders"] = split_folders(args.split_folder)
+        request["split_folders"] = canonical_split_folders(split_folders(args.split_folder))
     if args.coef_grid != "default" and args.scaling_coef == "auto":
         request["coef_grid"] = args.coef_grid
     if merge in ("zeroshot", "finetuned"):

@@ -174,7 +174,7 @@ def test_split_folder_flag(project):
     with pytest.raises(SystemExit, match="DTD's folder is one of val, test"):
         cli(project, "--merge", "zeroshot", "--split-folder", "DTD=valid")
     record = cli(project, "--merge", "zeroshot", "--split-folder", "dtd=test")
-    assert folder_sets._chosen == {"DTD": "test"} and record["request"]["split_folders"] == {"dtd": "test"}
+    assert folder_sets._chosen == {"DTD": "test"} and record["request"]["split_folders"] == {"DTD": "test"}
     cli(project, "--merge", "zeroshot")  # every run sets the choices anew
     assert folder_sets._chosen == {}
 

@@ -38,8 +38,8 @@ SPLIT_FOLDERS: dict[tuple[str, str], dict[str, str]] = {
 _chosen: dict[str, str] = {}  # task -> folder name picked by the user (main.py --split-folder)
 
 
-def set_split_folders(choices: dict[str, str]) -> None:
-    """Pick the folder of each ambiguous split by task, e.g. {"DTD": "test"}; replaces earlier choices."""
+def canonical_split_folders(choices: dict[str, str]) -> dict[str, str]:
+    """Checked {task: folder} choices with registered task spellings ({"dtd": "test"} -> {"DTD": "test"})."""
     names = {task.lower(): (task, folders) for (task, _), folders in SPLIT_FOLDERS.items()}
     picked = {}
     for task, folder in choices.items():
@@ -50,6 +50,12 @@ def set_split_folders(choices: dict[str, str]) -> None:
         if folder not in folders:
             raise ValueError(f"--split-folder {task}={folder}: {name}'s folder is one of {', '.join(folders)}")
         picked[name] = folder
+    return picked
+
+
+def set_split_folders(choices: dict[str, str]) -> None:
+    """Pick the folder of each ambiguous split by task, e.g. {"DTD": "test"}; replaces earlier choices."""
+    picked = canonical_split_folders(choices)
     _chosen.clear()
     _chosen.update(picked)
 
