@@ -28,8 +28,9 @@ from clip.factory import load_into
 from clip.layout import LAYOUTS
 from src import tuning
 from src.datasets import conventions
+from src.datasets.folder_sets import canonical_split_folders, set_split_folders
 from src.datasets.registry import NAMED_SETS, check_requirements, resolve_tasks
-from src.eval import evaluate_tasks, pick_device
+from src.eval import describe_tasks, evaluate_tasks, pick_device
 from src.svc import check_alpha, default_alpha, svc
 from src.task_vectors import TaskVector
 
@@ -103,11 +104,30 @@ def build_parser() -> argparse.ArgumentParser:
             kind = _str2bool if isinstance(default, bool) else type(default) if default is not None else float
             methods.add_argument(f"--{option}", type=kind, default=None,
                                  help=f"{name} (default {default if default is not None else '1/K'})")
+    data = p.add_argument_group("evaluation data and coefficient search")
+    data.add_argument("--split-folder", action="append", default=[], metavar="TASK=NAME",
+                      help="read TASK's split from folder NAME (needed when both of its names exist and differ): "
+                           "DTD=val|test, SUN397=val|test (test split), EuroSAT=val|valid (EuroSATVal); "
+                           "task_vectors names them val, the official SVC code test / valid")
+    data.add_argument("--coef-grid", choices=tuning.COEF_GRIDS, default="default",
+                      help="grid of --scaling_coef auto: default (0.05..1; 0.1..3 for TSV-M/Iso), tsv "
+                           "(TSV/Iso code: 1/30..1; 0.1..3 for TSV-M/Iso) or task_vectors (0.05..1 for all)")
     evaluation = p.add_argument_group("evaluation conventions")
     evaluation.add_argument("--convention", choices=("auto", *conventions.CONVENTIONS), default="auto",
                             help="whose class names, templates and data the heads follow: task_vectors, tsv or "
                                  "fusionbench (default auto: the checkpoint layout's, hf -> fusionbench)")
     return p
+
+
+def split_folders(pairs: list[str]) -> dict[str, str]:
+    """--split-folder TASK=NAME pairs -> {TASK: NAME}."""
+    choices = {}
+    for pair in pairs:
+        task, sep, folder = pair.partition("=")
+        if not sep or not task.strip() or not folder.strip():
+            raise ValueError(f"--split-folder {pair!r}: expected TASK=NAME, e.g. DTD=test")
+        choices[task.strip()] = folder.strip()
+    return choices
 
 
 # --- pipeline pieces ----------------------------------------------------------------
@@ -164,47 +184,90 @@ def individual_path(args) -> Path:
     return Path(args.logs) / args.model / "individual_accuracies.json"
 
 
-def load_individual(args) -> dict[str, float]:
+def load_individual(args, checkpoints: str, data: dict[str, dict]) -> dict[str, float]:
+    """Cached fine-tuned accuracies measured on these checkpoints (``fingerprint``) and on exactly
+    this data (provenance per dataset, as in results.jsonl); anything else is stale and left out.
+
+    File layout: {dataset: {checkpoint fingerprint: {"acc": top-1 %, "data": provenance}}}."""
     path = individual_path(args)
-    return json.loads(path.read_text()) if path.exists() else {}
+    cache = utils.read_json(path, {})
+    if not isinstance(cache, dict):
+        raise ValueError(f"{path} is not a JSON object; delete it (it is a cache and is rebuilt)")
+    known = {}
+    for name, info in data.items():
+        entry = cache.get(name)
+        hit = entry.get(checkpoints) if isinstance(entry, dict) else None  # a bare number: the old, unkeyed format
+        if isinstance(hit, dict) and hit.get("data") == info and isinstance(hit.get("acc"), (int, float)):
+            known[name] = hit["acc"]
+    return known
 
 
-def evaluate_finetuned(args, ckpts, encoder, heads, datasets: list[str]) -> dict[str, float]:
+def store_individual(args, checkpoints: str, accuracy: dict[str, float], data: dict[str, dict]) -> None:
+    """Add measured fine-tuned accuracies to the cache (locked read-modify-write: concurrent runs lose nothing)."""
+    path = individual_path(args)
+
+    def update(cache):
+        if not isinstance(cache, dict):
+            raise ValueError(f"{path} is not a JSON object; delete it (it is a cache and is rebuilt)")
+        for name, acc in accuracy.items():
+            entry = cache.get(name) if isinstance(cache.get(name), dict) else {}
+            entry[checkpoints] = {"acc": acc, "data": data[name]}
+            cache[name] = entry
+        return cache
+
+    utils.update_json(path, update, default={})
+
+
+def evaluate_finetuned(args, ckpts, encoder, heads, datasets: list[str],
+                       provenance: dict | None = None) -> dict[str, float]:
     """Each fine-tuned encoder on its own task's split; cached for normalised accuracy."""
-    cache = load_individual(args)
+    accuracy, data = {}, {}
     for name in datasets:
         base = name[:-3] if name.endswith("Val") else name
         if base not in ckpts.finetuned:
             raise SystemExit(f"no fine-tuned checkpoint for {base}: --eval-datasets must be among the merged tasks")
         load_into(encoder, ckpts.load_finetuned(base), source=str(ckpts.finetuned[base]))
-        cache.update(evaluate(args, encoder, heads, [name]))
-    utils.atomic_write_text(individual_path(args), json.dumps(cache, indent=1, sort_keys=True))
-    return {name: cache[name] for name in datasets}
+        accuracy.update(evaluate(args, encoder, heads, [name], data))
+    store_individual(args, fingerprint(ckpts), accuracy, data)
+    if provenance is not None:
+        provenance.update(data)
+    return accuracy
 
 
-def evaluate(args, encoder, heads, datasets: list[str]) -> dict[str, float]:
+def evaluate(args, encoder, heads, datasets: list[str], provenance: dict | None = None) -> dict[str, float]:
     return evaluate_tasks(encoder, datasets, heads, encoder.val_preprocess, args.data_location, device=args.device_obj,
                           batch_size=args.batch_size, num_workers=args.num_workers,
                           progress=False if args.no_progress else None, amp=args.amp, seed=args.seed,
-                          download=args.download, convention=args.eval_convention)
+                          download=args.download, convention=args.eval_convention, provenance=provenance)
 
 
-def individual_for(args, ckpts, encoder, heads, datasets, zeroshot_sd) -> dict[str, float] | None:
-    """Single-task accuracies on ``datasets`` (measured once and cached), for normalised accuracy."""
-    cache = load_individual(args)
-    todo = [d for d in datasets if d not in cache]
+def individual_for(args, ckpts, encoder, heads, datasets, restore, data: dict | None = None) -> dict[str, float]:
+    """Single-task accuracies on ``datasets`` for these checkpoints and this data (``data``: provenance
+    per dataset, looked up when not given), measured once and cached, for normalised accuracy. The
+    encoder is left holding ``restore``. Datasets of tasks without a fine-tuned checkpoint are left out."""
+    datasets = [d for d in datasets if (d[:-3] if d.endswith("Val") else d) in ckpts.finetuned]
+    data = data if data is not None else describe_tasks(datasets, args.data_location, download=args.download,
+                                                         convention=args.eval_convention)
+    known = load_individual(args, fingerprint(ckpts), {d: data[d] for d in datasets})
+    todo = [d for d in datasets if d not in known]
     if todo:
-        print(f"measuring fine-tuned accuracies on {todo} (once; cached in {individual_path(args)})", flush=True)
-        evaluate_finetuned(args, ckpts, encoder, heads, todo)
-        load_into(encoder, zeroshot_sd)
-        cache = load_individual(args)
-    return {d: cache[d] for d in datasets}
+        print(f"measuring fine-tuned accuracies on {todo} (once for these checkpoints and data; cached in "
+              f"{individual_path(args)})", flush=True)
+        known.update(evaluate_finetuned(args, ckpts, encoder, heads, todo))
+        load_into(encoder, restore)
+    return {d: known[d] for d in datasets}
 
 
 def requested(args, merge: str, tasks: list[str], datasets: list[str]) -> dict:
     """What the user asked for (before defaults are filled in): run.sh skips a run whose
     request is already in results.jsonl."""
     request = {"merge": merge, "tasks": tasks, "datasets": datasets, "seed": args.seed}
+    if args.split_folder:  # only when given, so requests logged before the flag existed still match
+        request["split_folders"] = canonical_split_folders(split_folders(args.split_folder))
+    if args.coef_grid != "default" and args.scaling_coef == "auto":
+        request["coef_grid"] = args.coef_grid
+    if getattr(args, "convention", "auto") != "auto":  # auto follows the checkpoints (in the fingerprint)
+        request["convention"] = args.convention
     if merge in ("zeroshot", "finetuned"):
         return request
     options = merge_func.resolve_options(merge, SimpleNamespace(**vars(args)))
@@ -229,6 +292,8 @@ def run(args) -> dict:
     utils.seed_everything(args.seed)
     args.device_obj = pick_device(args.device)
     args.data_location = args.data_location or os.path.join(args.base_dir, "data")
+    set_split_folders(split_folders(args.split_folder))  # before any dataset is read
+    utils.read_json(individual_path(args), {})  # a damaged cache stops the run before any work
     times: dict[str, float] = {}
 
     if args.model.startswith("demo"):  # the offline benchmark builds its own checkpoints on first use
@@ -261,15 +326,17 @@ def run(args) -> dict:
         heads = load_heads(args, ckpts, datasets, args.eval_convention)
     record: dict = {"model": args.model, "merge": merge, "svc": False, "alpha": None, "scaling_coef": None,
                     "tasks": tasks, "layout": ckpts.layout, "convention": args.eval_convention, "seed": args.seed,
-                    "threads": threads, "device": str(args.device_obj), **done}
+                    "threads": threads, "device": str(args.device_obj), **done, "data": {}}
 
     if merge == "finetuned":
         with utils.timer(times, "eval_seconds"):
-            accuracy = evaluate_finetuned(args, ckpts, encoder, heads, datasets)
+            accuracy = evaluate_finetuned(args, ckpts, encoder, heads, datasets, record["data"])
         return finish(args, record, accuracy, times)
     if merge == "zeroshot":
         with utils.timer(times, "eval_seconds"):
-            accuracy = evaluate(args, encoder, heads, datasets)
+            accuracy = evaluate(args, encoder, heads, datasets, record["data"])
+        with utils.timer(times, "individual_seconds"):  # for normalised accuracy, once per checkpoints and data
+            individual_for(args, ckpts, encoder, heads, datasets, zeroshot_sd, record["data"])
         return finish(args, record, accuracy, times)
 
     config = SimpleNamespace(**vars(args))
@@ -291,16 +358,18 @@ def run(args) -> dict:
         individual = individual_for(args, ckpts, encoder, heads, val, zeroshot_sd)
         base = {k: zeroshot_sd[k] for k in merged.vector}
         params = encoder.state_dict()
+        record["val_data"] = {}
 
         def scorer(update_for):
             def score(value):
                 tuning.apply_in_place(params, base, update_for(value), 1.0)
-                return evaluate(args, encoder, heads, val)
+                return evaluate(args, encoder, heads, val, record["val_data"])
             return score
 
         coef = 1.0
         if auto_coef:
-            grid = tuning.default_grid(merge)
+            grid = tuning.coefficient_grid(merge, args.coef_grid)
+            record["scaling_coef_grid_name"] = args.coef_grid
             update = (lambda c: calibrate(args, c * merged, tvs, alpha)) if args.calibrate else (lambda c: c * merged)
             with utils.timer(times, "tuning_seconds"):
                 chosen = tuning.select_coefficient(grid, scorer(update), individual)
@@ -334,7 +403,9 @@ def run(args) -> dict:
         clip.save_merged(args.save_merged, merged_sd, meta)
         print(f"merged encoder written to {args.save_merged}", flush=True)
     with utils.timer(times, "eval_seconds"):
-        accuracy = evaluate(args, encoder, heads, datasets)
+        accuracy = evaluate(args, encoder, heads, datasets, record["data"])
+    with utils.timer(times, "individual_seconds"):  # for normalised accuracy, once per checkpoints and data
+        individual_for(args, ckpts, encoder, heads, datasets, merged_sd, record["data"])
     return finish(args, record, accuracy, times)
 
 
@@ -343,7 +414,7 @@ def finish(args, record: dict, accuracy: dict[str, float], times: dict[str, floa
     now = datetime.now()
     record = {"time": now.isoformat(timespec="seconds"), **record, "accuracy": accuracy,
               "avg": sum(accuracy.values()) / len(accuracy)}
-    individual = load_individual(args)
+    individual = load_individual(args, record["checkpoints"], record["data"])  # these checkpoints, this data
     if all(d in individual for d in accuracy):
         record["normalized"] = tuning.normalized_accuracy(accuracy, {d: individual[d] for d in accuracy})
     for key in ("merge_seconds", "svc_seconds", "eval_seconds"):
@@ -352,6 +423,8 @@ def finish(args, record: dict, accuracy: dict[str, float], times: dict[str, floa
 
     lines = [f"command: {' '.join(sys.argv)}", "config: " + json.dumps(
         {k: v for k, v in vars(args).items() if k != "device_obj"}, default=str, sort_keys=True), ""]
+    lines += [f"data {name}: {info['source']} ({info['split']} split, {info['n']} images)"
+              for name, info in {**record.get("val_data", {}), **record["data"]}.items()]
     lines += [f"{name}: {acc:.2f}%" for name, acc in accuracy.items()]
     lines.append(f"Avg ACC: {record['avg']:.2f}%")
     if "normalized" in record:

@@ -68,10 +68,13 @@ def evaluate_tasks(image_encoder: torch.nn.Module, tasks: list[str], heads: Mapp
                    preprocess, data_location: str, device: str | torch.device | None = None,
                    batch_size: int = 128, num_workers: int = 2, progress: bool | None = None,
                    amp: bool = False, seed: int = 0, download: bool = False,
-                   convention: str | None = None) -> dict[str, float]:
+                   convention: str | None = None, provenance: dict | None = None) -> dict[str, float]:
     """Top-1 % per dataset, keyed by registered name. `XVal` evaluates X's validation split with the head
     `heads["XVal"]`, or `heads["X"]` when there is none (task_vectors' Val heads equal the test ones). The data
-    follow `convention` (src.datasets.conventions: EMNIST is letters under fusionbench)."""
+    follow `convention` (src.datasets.conventions: EMNIST is letters under fusionbench).
+
+    provenance: a dict filled in place with, per dataset, where its images came from and how many were
+    evaluated ({"source": folder or file, "split": ..., "n": ...}; see `DatasetSplit.provenance`)."""
     make_deterministic(seed)
     device = pick_device(device) if not isinstance(device, torch.device) else device
     results = {}
@@ -83,4 +86,14 @@ def evaluate_tasks(image_encoder: torch.nn.Module, tasks: list[str], heads: Mapp
         if head is None:
             raise KeyError(f"no classification head for {split.name}; heads given for: {', '.join(heads)}")
         results[split.name] = evaluate(image_encoder, head, split.loader, device, progress, split.name, amp)
+        if provenance is not None:
+            provenance[split.name] = split.provenance
     return results
+
+
+def describe_tasks(tasks: list[str], data_location: str, download: bool = False,
+                   convention: str | None = None) -> dict[str, dict]:
+    """Provenance of each dataset as `evaluate_tasks` would record it, without evaluating anything."""
+    splits = [get_dataset(task, None, data_location, num_workers=0, download=download, convention=convention)
+              for task in tasks]
+    return {split.name: split.provenance for split in splits}

@@ -18,22 +18,40 @@ from torch import Tensor
 # Grids as in the papers: TA-like methods on (0, 1], spectral methods (TSV, Iso) on (0, 3].
 _TA_GRID = [round(0.05 * i, 2) for i in range(1, 21)]  # 0.05 ... 1.0
 _SPECTRAL_GRID = [round(0.1 * i, 1) for i in range(1, 31)]  # 0.1 ... 3.0
+_TSV_TA_GRID = [i / 30 for i in range(1, 31)]  # np.linspace(0, 1, 31)[1:]: 1/30 ... 1
+_SPECTRAL = ("tsv-m", "tsvm", "iso-c", "iso-cts")
 _GRID_BY_METHOD = {
     **{m: _TA_GRID for m in ("wa", "sa", "ta", "ties", "dare", "star")},
-    **{m: _SPECTRAL_GRID for m in ("tsv-m", "tsvm", "iso-c", "iso-cts")},
+    **{m: _SPECTRAL_GRID for m in _SPECTRAL},
 }
+# Named grids for --coef-grid. "default": the grids above. "tsv": the TSV and iso-merging code
+# (src/eval/eval.py, n_eval_points 31): linspace(0, 3, 31)[1:] for TSVM / iso_c / iso_cts, linspace(0, 1, 31)[1:]
+# for every other method. "task_vectors": the task-arithmetic paper's 0.05 steps for every method (not checked
+# in code: the task_vectors repository holds no search; lambda = 0, the zero-shot model, is left out).
+COEF_GRIDS = ("default", "tsv", "task_vectors")
 
 
-def default_grid(method: str) -> list[float]:
-    """Default merge-coefficient grid for a merge method name (case-insensitive)."""
-    grid = _GRID_BY_METHOD.get(method.lower().replace("_", "-"))
-    if grid is None:
+def coefficient_grid(method: str, name: str = "default") -> list[float]:
+    """Merge-coefficient grid `name` (one of COEF_GRIDS) for a merge method (case-insensitive)."""
+    key = method.lower().replace("_", "-")
+    if key not in _GRID_BY_METHOD:
         known = ", ".join(sorted(_GRID_BY_METHOD))
         raise ValueError(
             f"no default coefficient grid for merge method {method!r} (known: {known}); "
             "pass an explicit grid instead"
         )
-    return list(grid)
+    if name == "default":
+        return list(_GRID_BY_METHOD[key])
+    if name == "tsv":
+        return list(_SPECTRAL_GRID if key in _SPECTRAL else _TSV_TA_GRID)
+    if name == "task_vectors":
+        return list(_TA_GRID)
+    raise ValueError(f"unknown coefficient grid {name!r}; choose one of {', '.join(COEF_GRIDS)}")
+
+
+def default_grid(method: str) -> list[float]:
+    """Default merge-coefficient grid for a merge method name (case-insensitive)."""
+    return coefficient_grid(method, "default")
 
 
 def alpha_grid(num_tasks: int) -> list[float]:

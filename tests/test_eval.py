@@ -10,7 +10,7 @@ from torchvision import transforms
 
 from src.datasets import registry
 from src.datasets.registry import register_dataset
-from src.eval import evaluate, evaluate_tasks, pick_device
+from src.eval import describe_tasks, evaluate, evaluate_tasks, pick_device
 from src.modeling import ClassificationHead, ImageEncoder
 
 
@@ -66,6 +66,15 @@ def test_evaluate_tasks_test_and_val(monkeypatch):
     val_idx = registry.split_train_val(TensorDataset(features, labels))[1].indices
     expected_val = 100.0 * sum(i % 5 != 0 for i in val_idx) / len(val_idx)
     assert results == {"Known": pytest.approx(80.0), "KnownVal": pytest.approx(expected_val)}
+    provenance = {}
+    again = evaluate_tasks(torch.nn.Identity(), ["known", "KnownVal"], heads, None, "", device="cpu",
+                           batch_size=4, num_workers=0, progress=False, provenance=provenance)
+    assert again == results  # the same accuracies, with where they came from filled in place
+    source = "torch.utils.data.dataset.TensorDataset"  # no folder: the dataset's class is named
+    assert provenance == {"Known": {"source": source, "split": "test", "n": 50},
+                          "KnownVal": {"source": source, "split": "val", "n": len(val_idx),
+                                       "cut": "10% of train (at most 5000), seed 0"}}
+    assert describe_tasks(["known", "KnownVal"], "") == provenance
     with pytest.raises(KeyError, match="no classification head for Known"):
         evaluate_tasks(torch.nn.Identity(), ["Known"], {}, None, "", device="cpu", num_workers=0)
 
@@ -97,4 +106,8 @@ def test_tiny_clip_on_fake_mnist_matches_per_image_loop(tmp_path):
     with torch.no_grad():
         hits = [int(head(encoder(x[None])).argmax()) == y for x, y in dataset]
     assert acc == pytest.approx(100.0 * sum(hits) / len(hits))
+    provenance = {}
+    evaluate_tasks(encoder, ["MNIST"], {"MNIST": head}, preprocess, str(tmp_path), device="cpu", num_workers=0,
+                   progress=False, provenance=provenance)
+    assert provenance == {"MNIST": {"source": str(tmp_path), "split": "test", "n": 23}}
     assert 0 < sum(hits) < len(hits)  # a non-trivial mix, so a wrong pairing would be caught

@@ -60,7 +60,7 @@ def test_reference_rows_and_normalized_accuracy(workdir):
     ft = cli(workdir, "--merge", "finetuned")
     assert zs["merge"] == "zeroshot" and ft["merge"] == "finetuned"
     cached = json.loads((workdir / "logs" / "demo-micro" / "individual_accuracies.json").read_text())
-    assert {t: cached[t] for t in ft["tasks"]} == ft["accuracy"]
+    assert {t: cached[t][ft["checkpoints"]]["acc"] for t in ft["tasks"]} == ft["accuracy"]
     assert ft["normalized"] == pytest.approx(100.0)
     ta = cli(workdir, "--merge", "TA")
     expected = sum(100 * ta["accuracy"][t] / ft["accuracy"][t] for t in ta["tasks"]) / len(ta["tasks"])

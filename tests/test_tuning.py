@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from src.tuning import (
+    COEF_GRIDS,
     alpha_grid,
     apply_in_place,
+    coefficient_grid,
     coefficient_scorer,
     default_grid,
     select_coefficient,
@@ -21,6 +23,23 @@ def test_default_grids():
     assert default_grid("TSV-M") == iso == default_grid("ISO-CTS")
     with pytest.raises(ValueError, match="no default coefficient grid"):
         default_grid("nonsense")
+
+
+def test_named_grids_follow_the_reference_code():
+    import numpy as np
+
+    assert COEF_GRIDS == ("default", "tsv", "task_vectors")
+    for m in ("TA", "WA", "TIES", "DARE", "STAR", "TSV-M", "Iso-C", "Iso-CTS"):
+        assert coefficient_grid(m) == default_grid(m)
+        # task_vectors: 0.05 steps on (0, 1] for every method
+        assert coefficient_grid(m, "task_vectors") == [round(0.05 * i, 2) for i in range(1, 21)]
+    # TSV / iso-merging code: linspace(0, 1, 31)[1:] for TA-like methods, linspace(0, 3, 31)[1:] for TSVM / Iso
+    for m, stop in (("TA", 1.0), ("TIES", 1.0), ("tsvm", 3.0), ("iso_c", 3.0), ("ISO-CTS", 3.0)):
+        grid = coefficient_grid(m, "tsv")
+        assert grid == pytest.approx(np.linspace(0.0, stop, 31)[1:].tolist(), abs=1e-12) and len(grid) == 30
+    assert coefficient_grid("TA", "tsv")[8] == 0.3 and coefficient_grid("TA", "tsv")[-1] == 1.0
+    with pytest.raises(ValueError, match="unknown coefficient grid 'fine'.*default, tsv, task_vectors"):
+        coefficient_grid("TA", "fine")
 
 
 def test_alpha_grid():

@@ -8,7 +8,12 @@ Layouts (task_vectors; the official SVC code's variants are accepted too):
   resisc45/NWPU-RESISC45/<class>/*.jpg + resisc45/resisc45-{train,val,test}.txt (file names per split)
   sun397/{train, val}                 ImageFolder, folders like `a_abbey`; test = `val` or `test` (SVC)
 These splits are not what torchvision downloads, so none of these tasks can be fetched with --download.
+
+When both names of a split exist (e.g. dtd/val and dtd/test) the split is never guessed: identical folders
+are used either way (said once), different ones stop the run until `set_split_folders` (main.py
+--split-folder TASK=NAME) picks one. Every dataset carries `source`, the folder or file it was read from.
 """
+import functools
 import os
 import re
 
@@ -21,6 +26,68 @@ from src.datasets.registry import DatasetNotFoundError, register_dataset
 
 PREP_HELP = ("Prepare the splits as task_vectors does (https://github.com/mlfoundations/task_vectors/issues/1) "
              "and pass the folder that contains them as --data-location.")
+
+
+# Split folders that the reference codes name differently: (task, split) -> {folder name: whose name it is}.
+# task_vectors: src/datasets/{dtd,sun397,eurosat}.py; official SVC code: the same files, edited.
+SPLIT_FOLDERS: dict[tuple[str, str], dict[str, str]] = {
+    ("DTD", "test"): {"val": "task_vectors", "test": "the official SVC code"},
+    ("SUN397", "test"): {"val": "task_vectors", "test": "the official SVC code"},
+    ("EuroSAT", "val"): {"val": "task_vectors", "valid": "the official SVC code"},
+}
+_chosen: dict[str, str] = {}  # task -> folder name picked by the user (main.py --split-folder)
+
+
+def canonical_split_folders(choices: dict[str, str]) -> dict[str, str]:
+    """Checked {task: folder} choices with registered task spellings ({"dtd": "test"} -> {"DTD": "test"})."""
+    names = {task.lower(): (task, folders) for (task, _), folders in SPLIT_FOLDERS.items()}
+    picked = {}
+    for task, folder in choices.items():
+        if task.lower() not in names:
+            raise ValueError(f"--split-folder {task}={folder}: only {', '.join(t for t, _ in names.values())} "
+                             f"have split folders with two names")
+        name, folders = names[task.lower()]
+        if folder not in folders:
+            raise ValueError(f"--split-folder {task}={folder}: {name}'s folder is one of {', '.join(folders)}")
+        picked[name] = folder
+    return picked
+
+
+def set_split_folders(choices: dict[str, str]) -> None:
+    """Pick the folder of each ambiguous split by task, e.g. {"DTD": "test"}; replaces earlier choices."""
+    picked = canonical_split_folders(choices)
+    _chosen.clear()
+    _chosen.update(picked)
+
+
+def _file_list(path: str) -> list[tuple[str, int]]:
+    return sorted((os.path.relpath(os.path.join(root, f), path), os.path.getsize(os.path.join(root, f)))
+                  for root, _, files in os.walk(path) for f in files)
+
+
+@functools.lru_cache(maxsize=None)
+def _same_files(a: str, b: str) -> bool:
+    """Same relative file names and sizes (a copy or link of one split): either folder gives the same numbers."""
+    same = _file_list(a) == _file_list(b)
+    if same:
+        print(f"{a} and {b} hold the same files; reading {a}", flush=True)
+    return same
+
+
+def _split_dir(task: str, base: str, split: str) -> str:
+    """Folder of `split` under `base`: the user's pick, the only one of its names that exists, or either of
+    two identical ones; two different ones are an error naming both and the flag that picks one."""
+    folders = SPLIT_FOLDERS.get((task, split), {split: ""})
+    if task in _chosen and (task, split) in SPLIT_FOLDERS:
+        return _first_dir(task, [os.path.join(base, _chosen[task])])
+    paths = [os.path.join(base, name) for name in folders]
+    found = [p for p in paths if os.path.isdir(p)]
+    if len(found) > 1 and not _same_files(*found):
+        options = " or ".join(f"--split-folder {task}={name}" for name in folders)
+        described = " and ".join(f"{p} (the {split} split of {who})" for p, who in zip(paths, folders.values()))
+        raise ValueError(f"{task}: both {described} exist and hold different files, so which one is the {split} "
+                         f"split is ambiguous; pick one with {options}")
+    return _first_dir(task, found or paths)
 
 
 def _first_dir(task: str, candidates: list[str]) -> str:
@@ -85,22 +152,19 @@ def build_cars(split: str, preprocess, location: str) -> Dataset:
     records = scipy.io.loadmat(annos, squeeze_me=True)["annotations"]
     samples = [(os.path.join(images, str(r["fname"])), int(r["class"]) - 1) for r in records]  # .mat is 1-based
     dataset = ImageList(samples, preprocess)
+    dataset.source = f"{os.path.abspath(images)} (labels: {os.path.abspath(annos)})"
     names = scipy.io.loadmat(meta, squeeze_me=True)["class_names"].tolist()
     dataset.classnames = [str(name).replace("_", " ") for name in names]
     return dataset
 
 
 def _train_test_folders(name: str, folder: str, split: str, preprocess, location: str) -> Dataset:
-    """`<folder>/train`, or for test the first of `<folder>/val` and `<folder>/test`: task_vectors calls
-    the original test partition `val`, the SVC code `test`; `val` wins if both exist."""
-    train_dir = os.path.join(location, folder, "train")
-    if split == "train":
-        split_dir = _first_dir(name, [train_dir])
-    elif split == "test":
-        split_dir = _first_dir(name, [os.path.join(location, folder, n) for n in ("val", "test")])
-    else:
+    """`<folder>/train`, or for test `<folder>/val` (task_vectors' name of the original test partition)
+    or `<folder>/test` (the SVC code's name); see `_split_dir` when both exist."""
+    if split not in ("train", "test"):
         raise ValueError(f"{name} has no {split!r} split ({name}Val is cut from train)")
-    return _image_folder(name, split_dir, train_dir, preprocess)
+    base = os.path.join(location, folder)
+    return _image_folder(name, _split_dir(name, base, split), os.path.join(base, "train"), preprocess)
 
 
 def build_dtd(split: str, preprocess, location: str) -> Dataset:
@@ -129,8 +193,7 @@ def eurosat_classname(folder: str) -> str:
 
 def build_eurosat(split: str, preprocess, location: str) -> Dataset:
     base = os.path.join(location, "EuroSAT_splits")
-    names = {"train": ["train"], "val": ["val", "valid"], "test": ["test"]}[split]  # `valid`: SVC's name
-    split_dir = _first_dir("EuroSAT", [os.path.join(base, n) for n in names])
+    split_dir = _split_dir("EuroSAT", base, split)  # val: `val` (task_vectors) or `valid` (SVC)
     dataset = _image_folder("EuroSAT", split_dir, os.path.join(base, "train"), preprocess)
     dataset.classnames = [eurosat_classname(c) for c in dataset.classes]
     return dataset
@@ -142,6 +205,7 @@ def build_resisc45(split: str, preprocess, location: str) -> Dataset:
     with open(listing) as f:
         keep = {line.strip() for line in f if line.strip()}
     dataset = ImageFolder(root, transform=preprocess, is_valid_file=lambda p: os.path.basename(p) in keep)
+    dataset.source = f"{os.path.abspath(root)} (files listed in {os.path.abspath(listing)})"
     dataset.classnames = [c.replace("_", " ") for c in dataset.classes]
     return dataset
 

@@ -7,6 +7,7 @@ nothing is downloaded unless the caller asks for it.
 import importlib
 import importlib.util
 import inspect
+import os
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -168,6 +169,17 @@ def _call_build(spec: DatasetSpec, split: str, preprocess, location: str, downlo
     return spec.build(split, preprocess, location, download=True, **kwargs)
 
 
+def _source_of(dataset: Dataset) -> str:
+    """Where a dataset's images come from: the folder or file its builder names (`source`), torchvision's
+    `root`, else its class (data generated in memory)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    source = getattr(dataset, "source", None) or getattr(dataset, "root", None)
+    if source:
+        return os.path.abspath(source) if os.path.exists(source) else str(source)
+    return f"{type(dataset).__module__}.{type(dataset).__name__}"
+
+
 def _classnames_of(dataset: Dataset, default: list) -> list:
     """Class names derived from the data when the builder attached them (as the original does), else default."""
     while isinstance(dataset, Subset):
@@ -183,6 +195,20 @@ class DatasetSplit:
     templates: list[Callable[[str], str]]
     dataset: Dataset
     loader: DataLoader = field(repr=False)
+    split: str = "test"  # "train", "val" or "test"
+    source: str = ""  # folder or file the images were read from (see `provenance`)
+    cut_from_train: bool = False  # val (or the train remainder) cut out of the train split with seed 0
+    convention: str | None = None  # set when the convention changes this task's data, names or templates
+
+    @property
+    def provenance(self) -> dict:
+        """Where the evaluated images came from, for results.jsonl: source, split, image count."""
+        info = {"source": self.source, "split": self.split, "n": len(self.dataset)}
+        if self.cut_from_train:
+            info["cut"] = f"{VAL_FRACTION:.0%} of train (at most {MAX_VAL_SAMPLES}), seed {VAL_SEED}"
+        if self.convention:  # other class names/templates (heads) or data: other accuracies
+            info["convention"] = self.convention
+        return info
 
     # aliases: the original code reads `dataset.test_dataset` / `dataset.test_loader`
     @property
@@ -217,4 +243,6 @@ def get_dataset(name: str, preprocess, location: str, batch_size: int = 128, num
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     label = f"{base}Val" if split == "val" else base
     names = spec.classnames if spec.fixed_names else _classnames_of(dataset, spec.classnames)
-    return DatasetSplit(label, names, spec.templates, dataset, loader)
+    return DatasetSplit(label, names, spec.templates, dataset, loader, split=split, source=_source_of(dataset),
+                        cut_from_train=spec.val_from_train and split != "test",
+                        convention=convention if conventions.override(base, convention) is not None else None)
