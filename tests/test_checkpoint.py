@@ -330,6 +330,6 @@ def test_demo_names_are_delegated():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(enc(x), model.encode_image(x))
-    assert set(clip.checkpoint.expected_shapes(name)) == set(sd)
+    assert set(clip.factory.expected_shapes(name)) == set(sd)
     with pytest.raises(ValueError, match="unknown model"):
         clip.create_model("ViT-X-99")
