@@ -348,7 +348,7 @@ def _entry(t: TensorRef) -> _FileTensor:
 
 
 def _short(key: Any) -> str:
-    return repr(key)[:80] if isinstance(key, (str, int, float)) else f"a {type(key).__name__}"
+    return repr(key[:80]) if isinstance(key, str) else f"a {type(key).__name__}"
 
 
 def _named_tensors(table: Any, what: str, path: PathLike) -> dict[str, Any]:
@@ -364,35 +364,46 @@ def _named_tensors(table: Any, what: str, path: PathLike) -> dict[str, Any]:
     return table
 
 
-def _module_tensors(rec: Record, prefix: str, out: dict[str, TensorRef], path: PathLike, on_path: set) -> None:
-    """Flatten an inert nn.Module record exactly as ``module.state_dict()`` would."""
-    if id(rec) in on_path:
-        raise CheckpointError(f"{path}: module {prefix.rstrip('.')!r} contains itself (malformed checkpoint)")
-    if len(on_path) >= MAX_DEPTH:
-        raise CheckpointError(f"{path}: modules nested more than {MAX_DEPTH} deep at {prefix[:200]!r} "
-                              "(malformed checkpoint)")
-    on_path.add(id(rec))
-    st = rec.state()
-    skip = st.get("_non_persistent_buffers_set") or set()
-    if not isinstance(skip, (set, frozenset, list, tuple)):
-        raise CheckpointError(f"{path}: {prefix}_non_persistent_buffers_set is not a set (malformed checkpoint)")
-    found = [(n, t) for n, t in _named_tensors(st.get("_parameters"), prefix + "_parameters", path).items()]
-    found += [(n, t) for n, t in _named_tensors(st.get("_buffers"), prefix + "_buffers", path).items()
-              if n not in skip]
-    for name, t in found:
-        if t is not None:
-            if len(out) >= MAX_TENSORS:
-                raise CheckpointError(f"{path}: more than {MAX_TENSORS} tensors (shared modules expanding, or "
-                                      "not a CLIP checkpoint)")
-            out[prefix + name] = t
-    children = st.get("_modules") or {}
-    if not isinstance(children, dict):
-        raise CheckpointError(f"{path}: {prefix}_modules is a {type(children).__name__}, not a dict "
-                              "(malformed checkpoint)")
-    for name, child in children.items():
-        if isinstance(child, Record):
-            _module_tensors(child, f"{prefix}{name}.", out, path, on_path)
-    on_path.discard(id(rec))
+def _module_tensors(root: Record, path: PathLike) -> dict[str, TensorRef]:
+    """Flatten an inert nn.Module record exactly as ``module.state_dict()`` would (a module shared
+    under two names appears under both), within MAX_TENSORS modules + tensors and MAX_DEPTH levels."""
+    out: dict[str, TensorRef] = {}
+    on_path: set[int] = set()
+    visited = 0
+
+    def walk(rec: Record, prefix: str) -> None:
+        nonlocal visited
+        visited += 1
+        if visited + len(out) > MAX_TENSORS:
+            raise CheckpointError(f"{path}: more than {MAX_TENSORS} modules and tensors (shared modules "
+                                  "expanding, or not a CLIP checkpoint)")
+        if id(rec) in on_path:
+            raise CheckpointError(f"{path}: module {prefix[:200].rstrip('.')!r} contains itself (malformed checkpoint)")
+        if len(on_path) >= MAX_DEPTH:
+            raise CheckpointError(f"{path}: modules nested more than {MAX_DEPTH} deep at {prefix[:200]!r} "
+                                  "(malformed checkpoint)")
+        st = rec.state()
+        skip = st.get("_non_persistent_buffers_set") or set()
+        if not isinstance(skip, (set, frozenset, list, tuple)):
+            raise CheckpointError(f"{path}: {prefix}_non_persistent_buffers_set is not a set (malformed checkpoint)")
+        tensors = list(_named_tensors(st.get("_parameters"), prefix + "_parameters", path).items())
+        tensors += [(n, t) for n, t in _named_tensors(st.get("_buffers"), prefix + "_buffers", path).items()
+                    if n not in skip]
+        for name, t in tensors:
+            if t is not None:
+                out[prefix + name] = t
+        children = st.get("_modules") or {}
+        if not isinstance(children, dict):
+            raise CheckpointError(f"{path}: {prefix}_modules is a {type(children).__name__}, not a dict "
+                                  "(malformed checkpoint)")
+        on_path.add(id(rec))
+        for name, child in children.items():
+            if isinstance(child, Record):
+                walk(child, f"{prefix}{name}.")
+        on_path.discard(id(rec))
+
+    walk(root, "")
+    return out
 
 
 def is_module_record(obj: Any) -> bool:
@@ -404,9 +415,7 @@ def flat_tensors(obj: Any, path: PathLike, depth: int = 0) -> dict[str, _FileTen
     if depth > MAX_DEPTH:
         raise CheckpointError(f"{path}: state dict wrappers nested more than {MAX_DEPTH} deep (malformed checkpoint)")
     if is_module_record(obj):
-        out: dict[str, TensorRef] = {}
-        _module_tensors(obj, "", out, path, set())
-        return {k: _entry(t) for k, t in out.items()}
+        return {k: _entry(t) for k, t in _module_tensors(obj, path).items()}
     if isinstance(obj, dict):
         bad_key = next((k for k in obj if type(k) is not str), None)
         if bad_key is not None:

@@ -155,7 +155,7 @@ def _check_view(storage, storage_offset, size, stride, dtype=None) -> TensorRef:
         raise Refused("a tensor is rebuilt from something that is not a storage (corrupted file)")
     size, stride = _ints(size, "shape"), _ints(stride, "stride")
     if type(storage_offset) is not int or storage_offset < 0:
-        raise Refused(f"a tensor has storage offset {storage_offset!r:.40}; it must be a non-negative integer")
+        raise Refused("a tensor's storage offset is negative or not an integer (corrupted file)")
     if len(size) != len(stride) or any(s < 0 for s in size) or any(st < 0 for st in stride):
         raise Refused(f"a tensor has shape {size} and strides {stride}: negative or mismatched (corrupted file)")
     if dtype is not None and not isinstance(dtype, torch.dtype):
@@ -227,7 +227,8 @@ SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("_codecs", "encode"): _codecs_encode,
     ("copyreg", "_reconstructor"): _reconstructor,
 }
-_SAFE_FUNCTIONS = {id(f): f"{m}.{n}" for (m, n), f in SAFE_GLOBALS.items() if not isinstance(f, type)}
+# our stand-ins, named by the first torch name they stand for (refusal messages)
+_SAFE_FUNCTIONS = {id(f): f"{m}.{n}" for (m, n), f in reversed(SAFE_GLOBALS.items()) if not isinstance(f, type)}
 # Lowercase names that are classes or data, kept as inert records when called (numpy values stored as
 # attributes, e.g. a best accuracy, are never model weights here).
 _INERT_CALLABLES = {("functools", "partial"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),

@@ -241,7 +241,7 @@ def test_safetensors_offsets_must_not_be_negative_or_overlap(tmp_path):
 
 
 @pytest.mark.parametrize("view, what", [
-    (dict(offset=-2, size=(2,), stride=(1,)), "storage offset"),
+    (dict(offset=-2, size=(2,), stride=(1,)), "storage offset is negative"),
     (dict(offset=3, size=(4,), stride=(-1,)), "negative"),
     (dict(offset=0, size=(2, 2), stride=(-2, 1)), "negative"),
     (dict(offset=2, size=(3,), stride=(1,)), "past the end"),
@@ -283,15 +283,16 @@ def test_data_pkl_size_is_bounded_before_inflating(tmp_path, monkeypatch):
     assert "archive/data.pkl" not in opened  # refused from the zip header, nothing inflated
 
 
-def test_shared_modules_cannot_expand_to_many_keys(tmp_path):
-    """A module record shared 20 times at each of 4 levels: 160,000 keys from a 1 KB pickle."""
-    body = module("Leaf", _parameters=dct(w=tensor()), _buffers=b"}", _modules=b"}") + put(0)
+@pytest.mark.parametrize("params", [dct(w=tensor()), b"}"], ids=["tensors", "modules only"])
+def test_shared_modules_cannot_expand_to_many_keys(tmp_path, params):
+    """A module record shared 20 times at each of 4 levels: 160,000 keys (or modules to walk) from a 1 KB pickle."""
+    body = module("Leaf", _parameters=params, _buffers=b"}", _modules=b"}") + put(0)
     for level in range(1, 5):
         children = b"}(" + b"".join(s(f"m{j}") + get(level - 1) for j in range(20)) + b"u"
         body += b"0" + module(f"L{level}", _parameters=b"}", _buffers=b"}", _modules=children) + put(level)
     path = checkpoint(tmp_path / "wide.pt", body, FOUR_FLOATS)
     assert len((tmp_path / "wide.pt").read_bytes()) < 2_000
-    with pytest.raises(CheckpointError, match=r"wide\.pt: more than 100000 tensors"):
+    with pytest.raises(CheckpointError, match=r"wide\.pt: more than 100000 modules and tensors"):
         clip.load_state_dict(path)
 
 
