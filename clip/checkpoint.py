@@ -230,7 +230,7 @@ _CONVERT = ("It cannot be read without running code from the file. If you trust 
             "safetensors.torch.save_file(state_dict, 'converted.safetensors'), and use the converted file.")
 _KINDS = {"legacy": "a legacy torch checkpoint (torch < 1.6, or _use_new_zipfile_serialization=False), not a "
                     "zip archive",
-          "tar": "a tar-format torch checkpoint (torch < 0.4), not a zip archive",
+          "tar": "a tar-format torch checkpoint (legacy format of early torch releases), not a zip archive",
           "pickle": "a raw pickle (pickle.dump), not a torch.save zip archive"}
 
 

@@ -25,14 +25,16 @@ What a pickle may do, and why:
   allow-listed function, is refused: it would change that object for the whole process.
 - use dict keys and set members that are strings, numbers, None, bytes or flat tuples of them:
   hashing a deeply nested or heavily shared tuple could take exponential time or crash.
+- not use copyreg extension codes (EXT1/2/4): they go through a process-wide registry and cache.
 
 Resource bounds (``Refused`` beyond them):
 
 - ``MAX_PICKLE_BYTES`` (256 MiB): size of a ``data.pkl`` (checked by the caller before reading);
 - ``MAX_OPERATIONS`` (10 million): pickle opcodes run plus items made by container calls, so the
   objects built stay proportional to that count;
-- ``MAX_TENSORS`` (100,000) and ``MAX_DEPTH`` (64): tensors and module nesting when the caller
-  flattens the result (a ViT-L/14 has about 400 tensors and 7 levels);
+- ``MAX_TENSORS`` (100,000) and ``MAX_DEPTH`` (64): modules + tensors, and module (or state-dict
+  wrapper) nesting, when ``clip.checkpoint`` flattens the result (a ViT-L/14 has about 400 tensors
+  and 7 levels). Nothing else walks the result recursively (no repr, no hashing of nested values);
 - ``MAX_EXPANDED_VIEW_BYTES`` (64 MiB): a view that repeats storage elements (stride 0, as from
   ``expand``, or overlapping strides) may not materialise more than that. Views must lie inside
   their storage, with non-negative offsets and strides.
@@ -484,6 +486,14 @@ def _counted(fn):
 
 _Unpickler.dispatch = {code: _counted(fn) for code, fn in pickle._Unpickler.dispatch.items()}
 _Unpickler.dispatch.update({_OP[name]: _counted(getattr(_Unpickler, "load_" + name.lower())) for name in _OP})
+
+
+def _no_extensions(self):
+    # EXT1/2/4 look names up in copyreg's process-wide extension registry and cache the result there
+    raise Refused("the pickle uses copyreg extension codes, which torch.save never writes")
+
+
+_Unpickler.dispatch.update({getattr(pickle, op)[0]: _no_extensions for op in ("EXT1", "EXT2", "EXT4")})
 
 
 def unpickle(data: bytes) -> tuple[Any, dict[str, StorageRef]]:

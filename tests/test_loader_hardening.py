@@ -351,3 +351,8 @@ def test_old_formats_say_what_they_are_and_how_to_convert(tmp_path, kind):
         with pytest.raises(CheckpointError, match=rf"{kind}\.pt: this is a {what}.*torch\.save\(.*safetensors") as err:
             load(path)
         assert "not a safetensors file" not in str(err.value)
+
+
+def test_copyreg_extension_codes_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match=r"extension codes"):
+        clip.load_state_dict(checkpoint(tmp_path / "ext.pt", b"\x82\x01"))  # EXT1 code 1
