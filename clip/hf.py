@@ -120,8 +120,14 @@ def is_hf_folder(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
+MAX_JSON_BYTES = 100_000_000  # config.json / *.index.json of a CLIP folder are a few KB
+
+
 def _json_object(path: Path) -> dict[str, Any]:
     """A JSON file that must hold an object (config.json, *.index.json)."""
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, more than the {MAX_JSON_BYTES} allowed for "
+                              "a JSON file of a Hugging Face folder; download the folder again")
     try:
         obj = json.loads(path.read_text())
     except (UnicodeDecodeError, ValueError, RecursionError) as e:

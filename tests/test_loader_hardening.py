@@ -210,7 +210,7 @@ def _hf_folder(folder: Path, config, index=None, shard: str = "model.safetensors
     return folder
 
 
-def test_hf_json_must_be_objects(tmp_path):
+def test_hf_json_must_be_objects(tmp_path, monkeypatch):
     cfg = {"model_type": "clip_vision_model"}
     assert "model.visual.ln_post.weight" in clip.load_state_dict(_hf_folder(tmp_path / "ok", cfg))
     with pytest.raises(CheckpointError, match=r"config\.json: holds a JSON list"):
@@ -219,6 +219,10 @@ def test_hf_json_must_be_objects(tmp_path):
         clip.load_state_dict(_hf_folder(tmp_path / "index", cfg, index=["model.safetensors"]))
     with pytest.raises(CheckpointError, match=r"vision_config is a list"):
         clip.load_state_dict(_hf_folder(tmp_path / "vision", {"model_type": "clip", "vision_config": [1]}))
+    monkeypatch.setattr(clip.hf, "MAX_JSON_BYTES", 10)
+    with pytest.raises(CheckpointError, match=r"config\.json: \d+ bytes, more than the 10 allowed"):
+        clip.load_state_dict(tmp_path / "ok")
+    monkeypatch.undo()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
