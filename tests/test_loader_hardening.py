@@ -360,3 +360,13 @@ def test_old_formats_say_what_they_are_and_how_to_convert(tmp_path, kind):
 def test_copyreg_extension_codes_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"extension codes"):
         clip.load_state_dict(checkpoint(tmp_path / "ext.pt", b"\x82\x01"))  # EXT1 code 1
+
+
+def test_protocol_1_module_pickle_reads_but_object_is_not_callable(tmp_path):
+    """Protocol 0/1 pickles rebuild objects with copyreg._reconstructor(cls, object, state)."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    torch.save(net, tmp_path / "p1.pt", pickle_protocol=1)
+    sd = clip.load_state_dict(tmp_path / "p1.pt")
+    assert torch.equal(sd["model.0.weight"], net[0].weight.detach())
+    with pytest.raises(CheckpointError, match=r"calls builtins\.object"):
+        clip.load_state_dict(checkpoint(tmp_path / "obj.pt", g("builtins", "object") + b")R"))
