@@ -308,9 +308,15 @@ def test_module_nesting_depth_is_bounded(tmp_path):
         clip.load_state_dict(checkpoint(tmp_path / "deep.pt", body, FOUR_FLOATS))
 
 
-def test_operation_count_is_bounded(tmp_path, monkeypatch):
+COPIES = b"]" + put(0) + b"(" + i(1) * 300 + b"e" + b"0" + (g("builtins", "list") + tup(get(0)) + b"R0") * 3 + get(0)
+
+
+@pytest.mark.parametrize("body", [
+    b"]" + put(0) + b"(" + get(0) * 600 + b"e" + b"0" + get(0) + b"(" + get(0) * 600 + b"e",  # memo references
+    COPIES,  # list(L) three times: each copy counts its items
+], ids=["references", "copies"])
+def test_operation_count_is_bounded(tmp_path, monkeypatch, body):
     monkeypatch.setattr(lazy_unpickle, "MAX_OPERATIONS", 1_000)
-    body = b"]" + put(0) + b"(" + get(0) * 600 + b"e" + b"0" + get(0) + b"(" + get(0) * 600 + b"e"
     with pytest.raises(CheckpointError, match=r"ops\.pt.*more than 1000 objects or items"):
         clip.load_state_dict(checkpoint(tmp_path / "ops.pt", body))
 
