@@ -159,11 +159,9 @@ def load_heads(args, ckpts, tasks: list[str], convention: str) -> dict:
         else:
             missing.append(base)
     if missing:  # build from CLIP's text tower (needs the released OpenAI weights once)
-        import open_clip
-
         print(f"building zero-shot heads for {missing} from {args.model}'s text tower ({convention} convention)",
               flush=True)
-        text_model = open_clip.create_model(args.model, pretrained="openai")
+        text_model = clip.create_model(args.model, pretrained="openai")  # QuickGELU, as the OpenAI weights
         for base in missing:
             heads[base] = get_classification_head(args.model, base, ckpts.root, args.data_location,
                                                   clip_model=text_model, convention=convention)

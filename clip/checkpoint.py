@@ -1,25 +1,23 @@
-"""Read every checkpoint format into one lazy, read-only state dict.
+"""Read checkpoint files into one lazy, read-only state dict.
 
 Formats: ``torch.save`` zip archives (whole pickled modules such as the task_vectors
-``src.modeling.ImageEncoder``, or plain state dicts), ``.safetensors`` files and
-Hugging Face CLIP folders (see ``clip.hf``). Pickles are read by an allow-listed
-unpickler: tensor/storage rebuilds and plain containers are allowed, every other class
-becomes an inert record (its ``_parameters``/``_buffers``/``_modules`` are walked to get
-the flat state dict) and a call to any other function is refused. Nothing in a file runs.
+``src.modeling.ImageEncoder``, or plain state dicts) and ``.safetensors`` files; Hugging Face
+folders are read by ``clip.hf`` on top of this module, and ``clip.factory.load_state_dict``
+opens any of them. ``data.pkl`` is read by the allow-listed unpickler of ``clip.lazy_unpickle``
+(the security boundary: nothing in a file runs); pickled modules are flattened here exactly as
+``module.state_dict()`` would, within its bounds on tensor count and nesting depth. Raw
+pickles, pre-1.6 torch files and tar archives are named and refused with how to convert them.
 
 Tensor bytes are not read when a file is opened: ``StateDict[key]`` reads that one tensor
 with ``os.preadv`` at its offset (no mmap, so resident memory stays one tensor).
+
+Import order (no cycles): lazy_unpickle <- checkpoint <- hf <- factory.
 """
 from __future__ import annotations
 
-import _compat_pickle
-import codecs
-import collections
-import io
 import json
 import math
 import os
-import pickle
 import struct
 import warnings
 import weakref
@@ -29,6 +27,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
+
+from clip.lazy_unpickle import (MAX_DEPTH, MAX_PICKLE_BYTES, MAX_TENSORS, Record, Refused, StorageRef, TensorRef,
+                                unpickle)
 
 PathLike = str | os.PathLike
 
@@ -44,10 +45,6 @@ Public checkpoints:
 
 class CheckpointError(ValueError):
     """Any problem with a checkpoint file or folder (message names the file and what to do)."""
-
-
-class _Refused(Exception):
-    """Raised inside the unpickler; turned into a CheckpointError that names the file."""
 
 
 # ----------------------------------------------------------------------------- file reads
@@ -89,9 +86,9 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 class _FileTensor:
-    """A tensor stored at ``offset`` bytes of a file (a view: storage offset and strides)."""
+    """A tensor stored at ``offset`` bytes of a file or zip member (a view: storage offset and strides)."""
 
-    def __init__(self, file: _File, offset: int, dtype: torch.dtype, shape, stride=None, storage_offset: int = 0):
+    def __init__(self, file: _File | _ZipMember, offset: int, dtype: torch.dtype, shape, stride=None, storage_offset: int = 0):
         self.file, self.offset, self.dtype = file, offset, dtype
         self.shape = torch.Size(shape)
         self.stride = tuple(stride) if stride is not None else _contiguous_stride(tuple(self.shape))
@@ -117,17 +114,26 @@ class _FileTensor:
         return flat.as_strided(self.shape, self.stride).clone()
 
 
-class _MemTensor:
-    """A tensor already in memory (compressed zip members, small test inputs)."""
+class _ZipMember:
+    """A compressed zip member (not written by torch.save): inflated on access, only as far as needed."""
 
-    def __init__(self, tensor: Tensor):
-        self.tensor, self.shape, self.dtype = tensor, tensor.shape, tensor.dtype
+    def __init__(self, path: Path, member: str):
+        self.path, self.member = path, member
 
-    def read(self) -> Tensor:
-        return self.tensor.clone()  # callers may modify what they get
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        try:
+            with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
+                f.seek(offset)
+                data = f.read(len(buf))
+        except Exception as e:  # zlib/bz2/lzma errors have no common base
+            raise CheckpointError(f"{self.path}: cannot inflate {self.member} ({e}); the file is corrupted: "
+                                  "download or copy it again") from e
+        if len(data) < len(buf):
+            raise CheckpointError(f"{self.path}: {self.member} is shorter than its tensors need (corrupted file)")
+        buf[:] = data
 
 
-class _Derived:
+class Derived:
     """A tensor computed from other entries on access (e.g. Hugging Face q/k/v -> in_proj)."""
 
     def __init__(self, fn: Callable[..., Tensor], sources: list, shape, dtype: torch.dtype):
@@ -216,222 +222,44 @@ class StateDict(Mapping):
         return f"StateDict({str(self.path)!r}, {len(self)} tensors)"
 
 
-# ----------------------------------------------------------------------------- safe unpickler
-_STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64,
-    "ComplexDoubleStorage": torch.complex128, "UntypedStorage": torch.uint8,
-}
-_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in (
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-    torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)}
-_DTYPE_NAMES.update(float=torch.float32, double=torch.float64, half=torch.float16, long=torch.int64,
-                    int=torch.int32, short=torch.int16)
-# Modules whose names never belong in a checkpoint: refused as soon as they are named.
-_NEVER = {"os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty",
-          "code", "codeop", "ctypes", "multiprocessing", "pickle", "_pickle", "marshal", "types",
-          "webbrowser", "signal", "operator", "platform", "asyncio", "threading", "pdb", "timeit",
-          "cProfile", "profile", "trace", "urllib", "http", "ftplib", "smtplib", "tempfile", "io",
-          "_io", "pathlib", "glob", "inspect", "dill", "numpy.testing", "torch.hub", "torch.ops"}
-# Plain containers only (not bytes/bytearray: bytes(10**12) would allocate on call).
-_SAFE_BUILTINS = {"set", "frozenset", "dict", "list", "tuple", "slice", "complex", "int", "float", "bool", "str"}
-# Lowercase names that are classes, kept as inert records when called.
-_INERT_CALLABLES = {("functools", "partial")}
+# ----------------------------------------------------------------------------- file formats
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+_CONVERT = ("It cannot be read without running code from the file. If you trust it, convert it once in an "
+            "environment that can load it: obj = torch.load(path, weights_only=False) (pickle.load for a raw "
+            "pickle), then torch.save(obj.state_dict() if it is a module else obj, 'converted.pt') or "
+            "safetensors.torch.save_file(state_dict, 'converted.safetensors'), and use the converted file.")
+_KINDS = {"legacy": "a legacy torch checkpoint (torch < 1.6, or _use_new_zipfile_serialization=False), not a "
+                    "zip archive",
+          "tar": "a tar-format torch checkpoint (legacy format of early torch releases), not a zip archive",
+          "pickle": "a raw pickle (pickle.dump), not a torch.save zip archive"}
 
 
-class _StorageRef:
-    def __init__(self, file: _File | None, offset: int, nbytes: int, dtype: torch.dtype, data: bytes | None = None):
-        self.file, self.offset, self.nbytes, self.dtype, self.data = file, offset, nbytes, dtype, data
+def sniff_format(path: Path) -> str:
+    """'zip', 'safetensors', 'legacy', 'tar', 'pickle' or 'unknown', from the first bytes of a file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(512)
+        f.seek(max(size - 1, 0))
+        last = f.read(1)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    if head.startswith(_LEGACY_MAGIC):
+        return "legacy"
+    if head[257:262] == b"ustar":
+        return "tar"
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return "safetensors"
+    if (head[:1] == b"\x80" and head[1:2] and 2 <= head[1] <= 5) or (head[:1] in (b"(", b"}", b"]", b"c") and last == b"."):
+        return "pickle"
+    return "unknown"
 
 
-class _TensorRef:
-    """A tensor found in a pickle: its storage plus the view parameters."""
-
-    def __init__(self, storage: _StorageRef, storage_offset: int, size, stride, dtype: torch.dtype | None = None):
-        self.storage, self.dtype = storage, dtype or storage.dtype
-        self.shape, self.stride, self.storage_offset = torch.Size(size), tuple(stride), storage_offset
-
-    def entry(self):
-        s = self.storage
-        if s.data is None:
-            return _FileTensor(s.file, s.offset, self.dtype, self.shape, self.stride, self.storage_offset)
-        flat = torch.frombuffer(bytearray(s.data), dtype=torch.uint8).view(self.dtype) if s.nbytes else \
-            torch.empty(0, dtype=self.dtype)
-        return _MemTensor(flat.as_strided(self.shape, self.stride, self.storage_offset).clone())
-
-
-def _check_view(t: _TensorRef) -> _TensorRef:
-    span = 0 if t.shape.numel() == 0 else 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride))
-    if (t.storage_offset + span) * t.dtype.itemsize > t.storage.nbytes:
-        raise _Refused(f"a tensor of shape {tuple(t.shape)} points past the end of its storage (corrupted file)")
-    return t
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
-    return _check_view(_TensorRef(storage, storage_offset, size, stride))
-
-
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
-    return _check_view(_TensorRef(storage, storage_offset, size, stride, dtype))
-
-
-def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, state=None):
-    return data
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-    return func(*args)  # func came through find_class, so it is allow-listed or refuses to run
-
-
-def _codecs_encode(obj, encoding="latin1"):
-    # protocol-2 pickles store bytes as _codecs.encode(str, 'latin1')
-    if not isinstance(obj, str) or not isinstance(encoding, str):
-        raise _Refused("_codecs.encode called with unexpected arguments")
-    return codecs.encode(obj, encoding)
-
-
-def _reconstructor(cls, base, state):
-    # copyreg._reconstructor (protocol 0/1 objects): build an inert record for any class
-    if isinstance(cls, type) and issubclass(cls, _Record):
-        return cls(state)
-    if base is object and cls in (collections.OrderedDict, dict, list, set):
-        return cls()
-    raise _Refused(f"copyreg._reconstructor for {cls!r}")
-
-
-def _numpy_scalar(dtype, data=None):
-    import numpy as np
-    return np.frombuffer(data, dtype=dtype)[0].copy()
-
-
-def _numpy_dtype(name, align=False, copy=False):
-    import numpy as np
-    if not isinstance(name, str):
-        raise _Refused("numpy.dtype called with a non-string argument")
-    return np.dtype(name)
-
-
-def _numpy_array(*args):
-    # numpy arrays stored as attributes (never model weights here): kept as an inert record
-    return _record_class("numpy", "ndarray")()
-
-
-_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch", "Size"): torch.Size,
-    ("torch", "device"): torch.device,
-    ("_codecs", "encode"): _codecs_encode,
-    ("copyreg", "_reconstructor"): _reconstructor,
-    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy", "dtype"): _numpy_dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_array,
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_array,
-}
-
-
-class _Record:
-    """Inert stand-in for a class named in a pickle: keeps arguments and state, runs nothing."""
-
-    def __new__(cls, *args, **kwargs):
-        obj = object.__new__(cls)
-        obj._args, obj._state, obj._items = args, {}, {}
-        return obj
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        self._state = state
-
-    def __setitem__(self, key, value):  # dict subclasses: SETITEMS after NEWOBJ
-        self._items[key] = value
-
-    def append(self, value):  # list subclasses: APPENDS after NEWOBJ
-        self._items[len(self._items)] = value
-
-    def extend(self, values):
-        for v in values:
-            self.append(v)
-
-    def state(self) -> dict:
-        st = self._state
-        if isinstance(st, tuple):  # (dict state, slot state)
-            st = {**(st[0] or {}), **(st[1] or {})}
-        return st if isinstance(st, dict) else {}
-
-    @classmethod
-    def qualified_name(cls) -> str:
-        return f"{cls.__module__}.{cls.__qualname__}"
-
-
-_RECORD_CLASSES: dict[tuple[str, str], type] = {}
-
-
-def _record_class(module: str, name: str) -> type:
-    """The inert record class standing for ``module.name`` (one per name, so isinstance works)."""
-    key = (module, name)
-    if key not in _RECORD_CLASSES:
-        _RECORD_CLASSES[key] = type(name.rsplit(".", 1)[-1], (_Record,), {"__module__": module, "__qualname__": name})
-    return _RECORD_CLASSES[key]
-
-
-class _Refuse:
-    """A function named in a pickle: referring to it is harmless, calling it is refused."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __call__(self, *args, **kwargs):
-        raise _Refused(f"the pickle calls {self.name}, which is not on the allow-list (torch tensor/storage "
-                       "rebuilds and plain containers); refusing to run it")
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def __init__(self, data: io.BytesIO, storages: Callable[[str, torch.dtype, int], _StorageRef]):
-        super().__init__(data)
-        self._storages = storages
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _compat_pickle.NAME_MAPPING:  # Python 2 names used by protocol 2
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        full = f"{module}.{name}"
-        if (module, name) in _SAFE_GLOBALS:
-            return _SAFE_GLOBALS[(module, name)]
-        if module == "builtins":
-            if name in _SAFE_BUILTINS:
-                return getattr(__import__("builtins"), name)
-            raise _Refused(f"the pickle refers to {full}, which is not on the allow-list; refusing to load it")
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return ("storage-type", _STORAGE_DTYPES[name])
-        if module == "torch" and name in _DTYPE_NAMES:
-            return _DTYPE_NAMES[name]
-        if module.split(".")[0] in _NEVER or module in _NEVER:
-            raise _Refused(f"the pickle refers to {full}, which is not on the allow-list; refusing to load it")
-        if name.rsplit(".", 1)[-1][:1].isupper() or (module, name) in _INERT_CALLABLES:
-            return _record_class(module, name)  # a class: calling it only builds an inert record
-        return _Refuse(full)
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            raise _Refused(f"unexpected persistent id {pid!r:.80}")
-        storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
-        if isinstance(storage_type, tuple) and storage_type[0] == "storage-type":
-            dtype = storage_type[1]
-        elif isinstance(storage_type, torch.dtype):
-            dtype = storage_type
-        else:
-            raise _Refused(f"unknown storage type {storage_type!r}")
-        return self._storages(key, dtype, numel)
+def refuse_format(path: Path, kind: str) -> CheckpointError:
+    """The error for a file that is not a torch zip archive nor a safetensors file."""
+    if kind in _KINDS:
+        return CheckpointError(f"{path}: this is {_KINDS[kind]}. {_CONVERT}")
+    return CheckpointError(f"{path}: not a torch.save zip archive nor a safetensors file (first bytes unknown); "
+                           "the file is corrupted or not a checkpoint: download or copy it again")
 
 
 # ----------------------------------------------------------------------------- torch zip files
@@ -439,117 +267,174 @@ def _zip_member_offset(f, info: zipfile.ZipInfo) -> int:
     f.seek(info.header_offset)
     header = f.read(30)
     if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise CheckpointError("bad zip local header")
+        raise Refused("bad zip local header (corrupted file)")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
     return info.header_offset + 30 + name_len + extra_len
 
 
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """A member's bytes, refusing more than ``limit`` (checked in the header and while inflating)."""
+    if info.file_size > limit:
+        raise Refused(f"{info.filename} is {info.file_size} bytes uncompressed, more than the {limit} allowed")
+    with zf.open(info) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise Refused(f"{info.filename} inflates to more than {limit} bytes")
+    return data
+
+
 def read_pickle(path: PathLike) -> tuple[Any, list[_File]]:
-    """Safely unpickle a ``torch.save`` zip archive. Tensors come back as lazy references.
+    """Safely unpickle a ``torch.save`` zip archive. Tensors come back as ``TensorRef``s whose
+    storages have a ``location`` (reader, byte offset); nothing else is read.
 
     Returns the top-level object (dicts, lists, inert records) and the opened files.
     """
     path = Path(path)
+    kind = sniff_format(path)
+    if kind != "zip":
+        raise refuse_format(path, kind)
     try:
         zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
-        with open(path, "rb") as f:
-            head = f.read(8)
-        if head[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05") or head[:1] == b"\x80":
-            raise CheckpointError(f"{path}: this is a legacy (pre torch 1.6) or raw pickle file, not a torch zip "
-                                  "archive; re-save it with torch>=1.6 (torch.save(obj.state_dict(), path)) "
-                                  "in an environment that can load it") from e
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"{path}: not a valid torch checkpoint ({e}); the file is truncated or corrupted: "
                               "download or copy it again") from e
-    with zf, open(path, "rb") as raw:
-        names = zf.namelist()
-        pkls = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
-        if not pkls:
-            raise CheckpointError(f"{path}: zip archive without data.pkl: not a torch.save checkpoint")
-        prefix = pkls[0][: -len("data.pkl")]
-        if f"{prefix}byteorder" in names and zf.read(f"{prefix}byteorder").strip() not in (b"little",):
-            raise CheckpointError(f"{path}: big-endian checkpoints are not supported; re-save on a little-endian machine")
-        try:
-            data = zf.read(pkls[0])
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise CheckpointError(f"{path}: cannot read its data.pkl ({e}); the file is corrupted: "
-                                  "download or copy it again") from e
-        file = _File(path)
-        size = os.path.getsize(path)
-        storages: dict[str, _StorageRef] = {}
-
-        def storage(key: str, dtype: torch.dtype, numel: int) -> _StorageRef:
-            if key in storages:
-                return storages[key]
-            member = f"{prefix}data/{key}"
-            try:
-                info = zf.getinfo(member)
-            except KeyError:
-                raise _Refused(f"storage {member} is missing from the archive (truncated or corrupted file)")
-            nbytes = numel * dtype.itemsize
-            if info.file_size < nbytes:
-                raise _Refused(f"storage {member} has {info.file_size} bytes, {nbytes} expected (corrupted file)")
-            if info.compress_type == zipfile.ZIP_STORED:
-                offset = _zip_member_offset(raw, info)
-                if offset + nbytes > size:
-                    raise _Refused(f"storage {member} extends past the end of the file (truncated file)")
-                ref = _StorageRef(file, offset, nbytes, dtype)
-            else:  # not written by torch.save, but keep it readable
-                ref = _StorageRef(None, 0, nbytes, dtype, zf.read(member)[:nbytes])
-            storages[key] = ref
-            return ref
-
-        try:
-            obj = _SafeUnpickler(io.BytesIO(data), storage).load()
-        except _Refused as e:
-            raise CheckpointError(f"{path}: {e}. Nothing in it was executed. If you trust the file, convert it to "
-                                  "a state dict in its original environment and save that.") from None
-        except CheckpointError:
-            raise
-        except Exception as e:  # malformed pickle stream
-            raise CheckpointError(f"{path}: cannot unpickle ({type(e).__name__}: {e}); the file is corrupted or "
-                                  "not a checkpoint: download or copy it again") from e
+    file = _File(path)
+    try:
+        with zf, open(path, "rb") as raw:
+            names = zf.namelist()
+            pkls = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
+            if not pkls:
+                raise CheckpointError(f"{path}: zip archive without data.pkl: not a torch.save checkpoint")
+            prefix = pkls[0][: -len("data.pkl")]
+            if f"{prefix}byteorder" in names and \
+                    _read_member(zf, zf.getinfo(f"{prefix}byteorder"), 16).strip() != b"little":
+                raise CheckpointError(f"{path}: big-endian checkpoints are not supported; re-save on a "
+                                      "little-endian machine")
+            obj, storages = unpickle(_read_member(zf, zf.getinfo(pkls[0]), MAX_PICKLE_BYTES))
+            size = os.path.getsize(path)
+            for key, ref in storages.items():
+                member = f"{prefix}data/{key}"
+                try:
+                    info = zf.getinfo(member)
+                except KeyError:
+                    raise Refused(f"storage {member} is missing from the archive (truncated or corrupted file)")
+                if info.file_size < ref.nbytes:
+                    raise Refused(f"storage {member} has {info.file_size} bytes, {ref.nbytes} expected "
+                                  "(corrupted file)")
+                if info.flag_bits & 0x1:
+                    raise Refused(f"storage {member} is encrypted")
+                if info.compress_type == zipfile.ZIP_STORED:
+                    offset = _zip_member_offset(raw, info)
+                    if offset + ref.nbytes > size:
+                        raise Refused(f"storage {member} extends past the end of the file (truncated file)")
+                    ref.location = (file, offset)
+                else:  # not written by torch.save, but keep it readable (inflated on access)
+                    ref.location = (_ZipMember(path, member), 0)
+    except Refused as e:
+        raise CheckpointError(f"{path}: {e}. Nothing in it was executed. If you trust the file, convert it to "
+                              "a state dict in its original environment and save that.") from None
+    except CheckpointError:
+        raise
+    except Exception as e:  # malformed pickle stream or zip archive
+        raise CheckpointError(f"{path}: cannot unpickle ({type(e).__name__}: {str(e)[:200]}); the file is "
+                              "corrupted or not a checkpoint: download or copy it again") from e
     return obj, [file]
 
 
-def _module_tensors(rec: _Record, prefix: str, out: dict[str, _TensorRef]) -> None:
-    """Flatten an inert nn.Module record exactly as ``module.state_dict()`` would."""
-    st = rec.state()
-    skip = st.get("_non_persistent_buffers_set") or set()
-    for name, t in (st.get("_parameters") or {}).items():
-        if t is not None:
-            out[prefix + name] = t
-    for name, t in (st.get("_buffers") or {}).items():
-        if t is not None and name not in skip:
-            out[prefix + name] = t
-    for name, child in (st.get("_modules") or {}).items():
-        if isinstance(child, _Record):
-            _module_tensors(child, prefix + name + ".", out)
+# ----------------------------------------------------------------------------- flattening
+def _entry(t: TensorRef) -> _FileTensor:
+    reader, offset = t.storage.location
+    return _FileTensor(reader, offset, t.dtype, t.shape, t.stride, t.storage_offset)
+
+
+def _short(key: Any) -> str:
+    return repr(key[:80]) if isinstance(key, str) else f"a {type(key).__name__}"
+
+
+def _named_tensors(table: Any, what: str, path: PathLike) -> dict[str, Any]:
+    """``_parameters``/``_buffers`` of a module record: a dict of name -> tensor (or None)."""
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{path}: {what} is a {type(table).__name__}, not a dict (malformed checkpoint)")
+    for name, t in table.items():
+        if type(name) is not str or not (t is None or isinstance(t, TensorRef)):
+            raise CheckpointError(f"{path}: {what}[{_short(name)}] is a {type(t).__name__}, not a tensor "
+                                  "(malformed checkpoint)")
+    return table
+
+
+def _module_tensors(root: Record, path: PathLike) -> dict[str, TensorRef]:
+    """Flatten an inert nn.Module record exactly as ``module.state_dict()`` would (a module shared
+    under two names appears under both), within MAX_TENSORS modules + tensors and MAX_DEPTH levels."""
+    out: dict[str, TensorRef] = {}
+    on_path: set[int] = set()
+    visited = 0
+
+    def walk(rec: Record, prefix: str) -> None:
+        nonlocal visited
+        visited += 1
+        if visited + len(out) > MAX_TENSORS:
+            raise CheckpointError(f"{path}: more than {MAX_TENSORS} modules and tensors (shared modules "
+                                  "expanding, or not a CLIP checkpoint)")
+        if id(rec) in on_path:
+            raise CheckpointError(f"{path}: module {prefix[:200].rstrip('.')!r} contains itself (malformed checkpoint)")
+        if len(on_path) >= MAX_DEPTH:
+            raise CheckpointError(f"{path}: modules nested more than {MAX_DEPTH} deep at {prefix[:200]!r} "
+                                  "(malformed checkpoint)")
+        st = rec.state()
+        skip = st.get("_non_persistent_buffers_set") or set()
+        if not isinstance(skip, (set, frozenset, list, tuple)):
+            raise CheckpointError(f"{path}: {prefix}_non_persistent_buffers_set is not a set (malformed checkpoint)")
+        tensors = list(_named_tensors(st.get("_parameters"), prefix + "_parameters", path).items())
+        tensors += [(n, t) for n, t in _named_tensors(st.get("_buffers"), prefix + "_buffers", path).items()
+                    if n not in skip]
+        for name, t in tensors:
+            if t is not None:
+                out[prefix + name] = t
+        children = st.get("_modules") or {}
+        if not isinstance(children, dict):
+            raise CheckpointError(f"{path}: {prefix}_modules is a {type(children).__name__}, not a dict "
+                                  "(malformed checkpoint)")
+        on_path.add(id(rec))
+        for name, child in children.items():
+            if isinstance(child, Record):
+                walk(child, f"{prefix}{name}.")
+        on_path.discard(id(rec))
+
+    walk(root, "")
+    return out
 
 
 def is_module_record(obj: Any) -> bool:
-    return isinstance(obj, _Record) and ("_parameters" in obj.state() or "_modules" in obj.state())
+    return isinstance(obj, Record) and ("_parameters" in obj.state() or "_modules" in obj.state())
 
 
-def flat_tensors(obj: Any, path: PathLike) -> dict[str, _TensorRef]:
-    """The flat ``name -> tensor`` view of an unpickled object (module record or state dict)."""
+def flat_tensors(obj: Any, path: PathLike, depth: int = 0) -> dict[str, _FileTensor]:
+    """The flat ``name -> lazy tensor`` view of an unpickled object (module record or state dict)."""
+    if depth > MAX_DEPTH:
+        raise CheckpointError(f"{path}: state dict wrappers nested more than {MAX_DEPTH} deep (malformed checkpoint)")
     if is_module_record(obj):
-        out: dict[str, _TensorRef] = {}
-        _module_tensors(obj, "", out)
-        return out
-    if isinstance(obj, Mapping):
-        tensors = {k: v for k, v in obj.items() if isinstance(v, _TensorRef)}
+        return {k: _entry(t) for k, t in _module_tensors(obj, path).items()}
+    if isinstance(obj, dict):
+        bad_key = next((k for k in obj if type(k) is not str), None)
+        if bad_key is not None:
+            raise CheckpointError(f"{path}: state dict key {_short(bad_key)} is not a string (malformed checkpoint)")
+        if len(obj) > MAX_TENSORS:
+            raise CheckpointError(f"{path}: more than {MAX_TENSORS} entries: not a CLIP checkpoint")
+        tensors = {k: v for k, v in obj.items() if isinstance(v, TensorRef)}
         if not tensors:
             for wrapper in ("state_dict", "model_state_dict", "model"):
-                if isinstance(obj.get(wrapper), (Mapping, _Record)):
-                    return flat_tensors(obj[wrapper], path)
-        scalars = (_TensorRef, str, int, float, bool, type(None))
-        bad = [k for k, v in obj.items() if not isinstance(v, scalars) and type(v).__module__ != "numpy"]
+                if isinstance(obj.get(wrapper), (dict, Record)):
+                    return flat_tensors(obj[wrapper], path, depth + 1)
+        scalars = (TensorRef, str, int, float, bool, type(None))
+        bad = [k for k, v in obj.items()
+               if not isinstance(v, scalars) and not (isinstance(v, Record) and type(v).__module__.startswith("numpy"))]
         if bad:
-            raise CheckpointError(f"{path}: entry {bad[0]!r} of the state dict is a {type(obj[bad[0]]).__name__}, "
+            raise CheckpointError(f"{path}: entry {_short(bad[0])} of the state dict is a {type(obj[bad[0]]).__name__}, "
                                   "not a tensor; expected a flat state dict")
-        return tensors  # scalars such as 'model_name' are ignored
-    kind = obj.qualified_name() if isinstance(obj, _Record) else type(obj).__name__
+        return {k: _entry(t) for k, t in tensors.items()}  # scalars such as 'model_name' are ignored
+    kind = obj.qualified_name() if isinstance(obj, Record) else type(obj).__name__
     raise CheckpointError(f"{path}: holds a {kind}, not a module or a state dict of tensors")
 
 
@@ -559,8 +444,16 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "U8": torch.uint8, "BOOL": torch.bool}
 
 
+def _bad_header(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: corrupted safetensors header: {what}; download or copy the file again")
+
+
 def read_safetensors(path: PathLike) -> tuple[dict[str, _FileTensor], dict[str, str], _File]:
-    """Parse a safetensors header; return lazy entries, its metadata and the file."""
+    """Parse and check a safetensors header; return lazy entries, its metadata and the file.
+
+    Every tensor must have a known dtype, a shape of non-negative integers and ``data_offsets``
+    ``[begin, end]`` matching dtype x shape, inside the file and not overlapping another tensor.
+    """
     path = Path(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -573,23 +466,42 @@ def read_safetensors(path: PathLike) -> tuple[dict[str, _FileTensor], dict[str, 
                                   "truncated or not a safetensors file")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupted safetensors header ({e}); download or copy it again") from e
-    file, base = _File(path), 8 + n
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise _bad_header(path, str(e)[:200]) from e
+    if not isinstance(header, dict):
+        raise _bad_header(path, f"a JSON {type(header).__name__}, not an object")
     meta = header.pop("__metadata__", None) or {}
-    entries = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _bad_header(path, "__metadata__ is not an object of strings")
+    if len(header) > MAX_TENSORS:
+        raise _bad_header(path, f"more than {MAX_TENSORS} tensors")
+    file, base = _File(path), 8 + n
+    entries, spans = {}, []
     for key, h in header.items():
-        dtype = _ST_DTYPES.get(h.get("dtype"))
+        if not isinstance(h, dict):
+            raise _bad_header(path, f"entry {_short(key)} is a JSON {type(h).__name__}, not an object")
+        dtype = _ST_DTYPES.get(h.get("dtype")) if isinstance(h.get("dtype"), str) else None
         if dtype is None:
-            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {h.get('dtype')!r}")
-        begin, end = h["data_offsets"]
-        numel = math.prod(h["shape"])
-        if end - begin != numel * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {str(h.get('dtype'))[:40]!r}")
+        shape, offsets = h.get("shape"), h.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _bad_header(path, f"tensor {key!r} has shape {str(shape)[:80]}, not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise _bad_header(path, f"tensor {key!r} has data_offsets {str(offsets)[:80]}, not [begin, end] with "
+                                    "0 <= begin <= end")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * dtype.itemsize:
             raise CheckpointError(f"{path}: tensor {key!r} size does not match its shape (corrupted file)")
         if base + end > size:
             raise CheckpointError(f"{path}: tensor {key!r} ends at byte {base + end} but the file has {size} bytes: "
                                   "it is truncated; download or copy it again")
-        entries[key] = _FileTensor(file, base + begin, dtype, h["shape"])
+        spans.append((begin, end, key))
+        entries[key] = _FileTensor(file, base + begin, dtype, shape)
+    spans.sort()
+    for (_, end_a, key_a), (begin_b, _, key_b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise _bad_header(path, f"tensors {key_a!r} and {key_b!r} overlap")
     return entries, meta, file
 
 
@@ -612,45 +524,38 @@ def to_convention(keys: list[str]) -> dict[str, str]:
     return out
 
 
-def load_state_dict(path: PathLike, *, model_name: str | None = None, check_finite: bool = True) -> StateDict:
-    """Open any checkpoint as a lazy ``StateDict`` in the ``model.<open_clip key>`` convention.
+def to_keys(open_clip_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """open_clip CLIP state dict -> our convention (``model.`` prefix, no text transformer)."""
+    return {new: open_clip_state[old] for old, new in to_convention(list(open_clip_state)).items()}
 
-    ``path``: a torch ``.pt``/``.pth`` (pickled ImageEncoder/CLIP module or a state dict, with or
-    without the ``model.`` prefix), a ``.safetensors`` file (also ``save_merged`` output) or a
-    Hugging Face CLIP folder. With ``model_name`` the keys and shapes are checked against that
-    open_clip architecture.
-    """
+
+def load_file(path: PathLike, *, check_finite: bool = True) -> StateDict:
+    """A lazy ``StateDict`` (``model.<open_clip key>`` convention) of a torch ``.pt``/``.pth`` zip
+    archive (pickled ImageEncoder/CLIP module or a state dict, with or without the ``model.``
+    prefix) or a ``.safetensors`` file. ``clip.load_state_dict`` also takes folders and checks
+    the architecture."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}\n{WHERE_CHECKPOINTS_COME_FROM}")
-    if path.is_dir():
-        from clip.hf import is_hf_folder, load_hf_folder
-        if not is_hf_folder(path):
-            raise CheckpointError(f"{path} is a folder without config.json: expected a Hugging Face CLIP folder "
-                                  f"(config.json + model.safetensors or pytorch_model.bin)\n{WHERE_CHECKPOINTS_COME_FROM}")
-        sd = load_hf_folder(path, check_finite=check_finite)
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: the file is empty (interrupted download or copy); get it again")
+    kind = sniff_format(path)
+    if kind == "zip":
+        obj, files = read_pickle(path)
+        if isinstance(obj, Record) and type(obj).__qualname__.endswith("ClassificationHead"):
+            raise CheckpointError(f"{path} is a classification head, not an image encoder: use clip.load_head")
+        raw = flat_tensors(obj, path)
+        entries = {new: raw[old] for old, new in to_convention(list(raw)).items()}
+        meta = {"format": "torch"}
+    elif kind in ("safetensors", "unknown"):  # unknown: the safetensors reader says what is wrong
+        raw, st_meta, file = read_safetensors(path)
+        entries, files = {new: raw[old] for old, new in to_convention(list(raw)).items()}, [file]
+        meta = {"format": "safetensors", **st_meta}
     else:
-        if os.path.getsize(path) == 0:
-            raise CheckpointError(f"{path}: the file is empty (interrupted download or copy); get it again")
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic[:2] == b"PK":
-            obj, files = read_pickle(path)
-            if isinstance(obj, _Record) and type(obj).__qualname__.endswith("ClassificationHead"):
-                raise CheckpointError(f"{path} is a classification head, not an image encoder: use clip.load_head")
-            raw = flat_tensors(obj, path)
-            entries = {new: raw[old].entry() for old, new in to_convention(list(raw)).items()}
-            sd = StateDict(path, entries, files=files, check_finite=check_finite, meta={"format": "torch"})
-        else:
-            entries, meta, file = read_safetensors(path)
-            entries = {new: entries[old] for old, new in to_convention(list(entries)).items()}
-            sd = StateDict(path, entries, files=[file], check_finite=check_finite,
-                           meta={"format": "safetensors", **meta})
-    if not len(sd):
+        raise refuse_format(path, kind)
+    if not entries:
         raise CheckpointError(f"{path}: no tensors found")
-    if model_name is not None:
-        check_architecture(sd, model_name)
-    return sd
+    return StateDict(path, entries, files=files, check_finite=check_finite, meta=meta)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -680,28 +585,6 @@ def check_compatible(sd_a: Mapping, sd_b: Mapping, *, name_a: str | None = None,
                               + ". Use checkpoints of the same model (e.g. all ViT-B-32).")
 
 
-def expected_shapes(model_name: str) -> dict[str, tuple]:
-    """Key -> shape of the ImageEncoder state dict of ``model_name`` (built on the meta device)."""
-    from clip.factory import create_model
-    model = create_model(model_name, device="meta")
-    return {k: tuple(v.shape) for k, v in to_keys(model.state_dict()).items()}
-
-
-def to_keys(open_clip_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """open_clip CLIP state dict -> our convention (``model.`` prefix, no text transformer)."""
-    return {new: open_clip_state[old] for old, new in to_convention(list(open_clip_state)).items()}
-
-
-class _Shapes(dict):
-    def info(self, key):
-        return torch.Size(self[key]), torch.float32
-
-
-def check_architecture(sd: Mapping, model_name: str) -> None:
-    """Raise a CheckpointError if ``sd`` does not match ``model_name``'s keys and shapes."""
-    check_compatible(sd, _Shapes(expected_shapes(model_name)), name_b=f"open_clip {model_name}")
-
-
 def warn_if_identical(zeroshot: Mapping, finetuned: Mapping) -> bool:
     """Warn (and return True) if a fine-tuned checkpoint equals the zero-shot one: a zero task vector.
 
@@ -728,21 +611,24 @@ def load_head(path: PathLike):
     obj, files = read_pickle(path)
     try:
         normalize = True
-        if isinstance(obj, _Record):
-            normalize = bool(obj.state().get("normalize", True))
-        elif isinstance(obj, Mapping) and "normalize" in obj:
-            normalize = bool(obj["normalize"])
+        if isinstance(obj, Record):
+            normalize = obj.state().get("normalize", True)
+        elif isinstance(obj, dict):
+            normalize = obj.get("normalize", True)
+        if type(normalize) not in (bool, int):
+            raise CheckpointError(f"{path}: 'normalize' is a {type(normalize).__name__}, not a bool "
+                                  "(malformed classification head)")
         raw = flat_tensors(obj, path)
         if "weight" not in raw:
             raise CheckpointError(f"{path}: no 'weight' tensor: not a classification head")
-        weight = raw["weight"].entry().read().clone()
-        bias = raw["bias"].entry().read().clone() if "bias" in raw else None
+        weight = raw["weight"].read().clone()
+        bias = raw["bias"].read().clone() if "bias" in raw else None
     finally:
         for f in files:
             f.close()
     if weight.dim() != 2 or not torch.isfinite(weight).all():
         raise CheckpointError(f"{path}: head weight must be a finite 2-D tensor, got shape {tuple(weight.shape)}")
-    return ClassificationHead(normalize, weight, bias)
+    return ClassificationHead(bool(normalize), weight, bias)
 
 
 def save_head(head, path: PathLike) -> None:

@@ -1,19 +1,25 @@
-"""Build open_clip models by name (``pretrained=None``) and fill them from a state dict.
+"""Build open_clip models by name, open any checkpoint checked against them, fill them.
 
 CLIP names (ViT-B-32, ViT-B-16, ViT-L-14) use QuickGELU, as the OpenAI weights that the
-task_vectors / TSV / FusionBench checkpoints were fine-tuned from. Names in
-``clip.demo.DEMO_MODELS`` (the embedded offline benchmark) are delegated to ``clip.demo``.
+task_vectors / TSV / FusionBench checkpoints were fine-tuned from (and the text towers their
+heads were built with). Names in ``clip.demo.DEMO_MODELS`` (the embedded offline benchmark) are
+delegated to ``clip.demo``. ``load_state_dict`` is the one entry point for every checkpoint
+format (files via ``clip.checkpoint``, Hugging Face folders via ``clip.hf``).
 """
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 from typing import Mapping
 
 import open_clip
 import torch
 from torch import Tensor
 
-from clip.checkpoint import TEXT_SIDE_KEYS, CheckpointError
+from clip.checkpoint import (TEXT_SIDE_KEYS, WHERE_CHECKPOINTS_COME_FROM, CheckpointError, StateDict,
+                             check_compatible, load_file, to_keys)
+from clip.hf import is_hf_folder, load_hf_folder
 
 CLIP_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -39,17 +45,26 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(CLIP_MODELS)} or a demo model")
 
 
-def create_model(name: str, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """An open_clip ``CLIP`` of architecture ``name`` with random weights (nothing downloaded).
+def create_model(name: str, device: str | torch.device = "cpu", pretrained: str | None = None) -> torch.nn.Module:
+    """An open_clip ``CLIP`` of architecture ``name``, always with QuickGELU in both towers.
 
-    ``device="meta"`` builds shapes only (instant, no memory).
+    ``pretrained=None``: random weights, nothing downloaded; ``device="meta"`` builds shapes only
+    (instant, no memory). ``pretrained="openai"``: the released OpenAI weights (downloaded once by
+    open_clip), e.g. the text tower that builds zero-shot heads as task_vectors / TSV did. A plain
+    ``open_clip.create_model(name, pretrained="openai")`` would build GELU towers for these weights.
     """
+    if pretrained not in (None, "openai"):
+        raise ValueError(f"pretrained={pretrained!r}: only None or 'openai' (the weights the checkpoints were "
+                         "fine-tuned from, with QuickGELU) are supported")
     demo = _demo(name)
     if demo is not None:
+        if pretrained is not None:
+            raise ValueError(f"model {name!r} has no pretrained weights: its heads come with the demo zoo "
+                             "(src.demo.zoo.ensure_zoo writes them next to its checkpoints)")
         return demo.create_demo_model(name).to(device)
     _check_name(name)
     with torch.device(device):
-        return open_clip.create_model(name, pretrained=None, force_quick_gelu=True, device=device)
+        return open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=True, device=device)
 
 
 def get_tokenizer(name: str):
@@ -108,7 +123,6 @@ def load_into(module: torch.nn.Module, state_dict: Mapping[str, Tensor], *, sour
 def build_image_encoder(name: str, state_dict: Mapping[str, Tensor] | None = None):
     """``src.modeling.ImageEncoder`` of architecture ``name`` (text transformer dropped), loaded from
     ``state_dict`` (a mapping, or a path read with ``clip.load_state_dict``)."""
-    from clip.checkpoint import load_state_dict
     from src.modeling import ImageEncoder
 
     train_tf, val_tf = get_preprocess(name)
@@ -118,3 +132,43 @@ def build_image_encoder(name: str, state_dict: Mapping[str, Tensor] | None = Non
             state_dict = load_state_dict(state_dict)
         load_into(encoder, state_dict)
     return encoder
+
+
+# ----------------------------------------------------------------------------- any checkpoint
+def expected_shapes(model_name: str) -> dict[str, tuple]:
+    """Key -> shape of the ImageEncoder state dict of ``model_name`` (built on the meta device)."""
+    model = create_model(model_name, device="meta")
+    return {k: tuple(v.shape) for k, v in to_keys(model.state_dict()).items()}
+
+
+class _Shapes(dict):
+    def info(self, key):
+        return torch.Size(self[key]), torch.float32
+
+
+def check_architecture(sd: Mapping, model_name: str) -> None:
+    """Raise a CheckpointError if ``sd`` does not match ``model_name``'s keys and shapes."""
+    check_compatible(sd, _Shapes(expected_shapes(model_name)), name_b=f"open_clip {model_name}")
+
+
+def load_state_dict(path: str | os.PathLike, *, model_name: str | None = None, check_finite: bool = True) -> StateDict:
+    """Open any checkpoint as a lazy ``StateDict`` in the ``model.<open_clip key>`` convention.
+
+    ``path``: a torch ``.pt``/``.pth`` (pickled ImageEncoder/CLIP module or a state dict, with or
+    without the ``model.`` prefix), a ``.safetensors`` file (also ``save_merged`` output) or a
+    Hugging Face CLIP folder. With ``model_name`` the keys and shapes are checked against that
+    open_clip architecture.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}\n{WHERE_CHECKPOINTS_COME_FROM}")
+    if path.is_dir():
+        if not is_hf_folder(path):
+            raise CheckpointError(f"{path} is a folder without config.json: expected a Hugging Face CLIP folder "
+                                  f"(config.json + model.safetensors or pytorch_model.bin)\n{WHERE_CHECKPOINTS_COME_FROM}")
+        sd = load_hf_folder(path, check_finite=check_finite)
+    else:
+        sd = load_file(path, check_finite=check_finite)
+    if model_name is not None:
+        check_architecture(sd, model_name)
+    return sd

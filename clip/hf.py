@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
-from typing import Mapping
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from clip.checkpoint import (CheckpointError, StateDict, _Derived, flat_tensors, read_pickle, read_safetensors)
+from clip.checkpoint import CheckpointError, Derived, StateDict, flat_tensors, read_pickle, read_safetensors
 
 _LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
           "self_attn.out_proj": "attn.out_proj"}
@@ -120,11 +120,42 @@ def is_hf_folder(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
+MAX_JSON_BYTES = 100_000_000  # config.json / *.index.json of a CLIP folder are a few KB
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json, *.index.json)."""
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, more than the {MAX_JSON_BYTES} allowed for "
+                              "a JSON file of a Hugging Face folder; download the folder again")
+    try:
+        obj = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:200]}); download the folder again") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(obj).__name__}, not an object; download the folder again")
+    return obj
+
+
+def _shard(folder: Path, index: Path, name: Any) -> Path:
+    """A shard file named by an index: a relative path inside the folder (no absolute path, no '..')."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{index}: weight_map holds a {type(name).__name__}, not a shard file name")
+    rel = PurePosixPath(name.replace("\\", "/"))
+    if rel.is_absolute() or PureWindowsPath(name).drive or ".." in rel.parts:
+        raise CheckpointError(f"{index}: shard {name[:200]!r} lies outside the folder; an index may only name files "
+                              "inside it (download the folder again)")
+    return folder.joinpath(*rel.parts)
+
+
 def _weight_files(folder: Path) -> list[Path]:
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index).is_file():
-            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-            return [folder / s for s in shards]
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / name
+        if index.is_file():
+            weight_map = _json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: no 'weight_map' object; download the folder again")
+            return sorted({_shard(folder, index, s) for s in weight_map.values()})
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
             return [folder / name]
@@ -135,14 +166,17 @@ def _weight_files(folder: Path) -> list[Path]:
 def load_hf_folder(folder: Path, *, check_finite: bool = True) -> StateDict:
     """Lazy StateDict (``model.`` + open_clip keys) of a HF CLIPModel/CLIPVisionModel folder."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = _json_object(folder / "config.json")
     model_type = config.get("model_type")
     if model_type not in ("clip", "clip_vision_model"):
-        raise CheckpointError(f"{folder}: config.json model_type is {model_type!r}; only Hugging Face CLIP "
+        raise CheckpointError(f"{folder}: config.json model_type is {str(model_type)[:80]!r}; only Hugging Face CLIP "
                               "(CLIPModel, CLIPVisionModel) folders are supported")
-    act = (config.get("vision_config") or config).get("hidden_act", "quick_gelu")
+    vision = config.get("vision_config") or config
+    if not isinstance(vision, dict):
+        raise CheckpointError(f"{folder}: config.json vision_config is a {type(vision).__name__}, not an object")
+    act = vision.get("hidden_act", "quick_gelu")
     if act != "quick_gelu":
-        raise CheckpointError(f"{folder}: vision hidden_act is {act!r}, but open_clip ViT-B/L CLIP models here "
+        raise CheckpointError(f"{folder}: vision hidden_act is {str(act)[:80]!r}, but open_clip ViT-B/L CLIP models here "
                               "use QuickGELU; this is not an OpenAI-style CLIP checkpoint")
     raw, files = {}, []
     for wf in _weight_files(folder):
@@ -153,7 +187,7 @@ def load_hf_folder(folder: Path, *, check_finite: bool = True) -> StateDict:
             files.append(file)
         else:
             obj, fs = read_pickle(wf)
-            entries = {k: v.entry() for k, v in flat_tensors(obj, wf).items()}
+            entries = flat_tensors(obj, wf)
             files += fs
         raw.update(entries)
     entries = {}
@@ -167,7 +201,7 @@ def load_hf_folder(folder: Path, *, check_finite: bool = True) -> StateDict:
                 shape[0] = sum(p.shape[0] for p in parts)
             else:
                 shape = shape[::-1]
-            entries["model." + key] = _Derived(lambda *t, op=op: _apply(op, *t), parts, shape, parts[0].dtype)
+            entries["model." + key] = Derived(lambda *t, op=op: _apply(op, *t), parts, shape, parts[0].dtype)
     if not any(k.startswith("model.visual.") for k in entries):
         raise CheckpointError(f"{folder}: no vision tower weights found")
     return StateDict(folder, entries, files=files, check_finite=check_finite,

@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clip.checkpoint import (WHERE_CHECKPOINTS_COME_FROM, CheckpointError, StateDict, check_compatible,
-                             load_state_dict, warn_if_identical)
+from clip.checkpoint import WHERE_CHECKPOINTS_COME_FROM, CheckpointError, StateDict, check_compatible, warn_if_identical
+from clip.factory import load_state_dict
 
 LAYOUTS = ("task_vectors", "tsv", "hf")
 HF_NAMES = {"ViT-B-32": "clip-vit-base-patch32", "ViT-B-16": "clip-vit-base-patch16",

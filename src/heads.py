@@ -61,7 +61,7 @@ def get_classification_head(model_name: str, task: str, checkpoint_dir: str | Pa
     convention's class names and templates, and save it there.
 
     `clip_model` must carry the real text weights of `model_name` (the task_vectors checkpoints do not contain
-    the text transformer), e.g. `open_clip.create_model(model_name, pretrained="openai")`.
+    the text transformer), e.g. `clip.create_model(model_name, pretrained="openai")` (QuickGELU, as the OpenAI weights).
     """
     import clip  # the repository's checkpoint package (safe loader)
 

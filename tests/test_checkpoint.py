@@ -330,6 +330,41 @@ def test_demo_names_are_delegated():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(enc(x), model.encode_image(x))
-    assert set(clip.checkpoint.expected_shapes(name)) == set(sd)
+    assert set(clip.factory.expected_shapes(name)) == set(sd)
     with pytest.raises(ValueError, match="unknown model"):
         clip.create_model("ViT-X-99")
+
+
+def test_text_tower_for_heads_uses_quick_gelu(monkeypatch, tmp_path):
+    """main.load_heads builds missing heads from the OpenAI text tower, with QuickGELU as the weights
+    were trained (a plain open_clip.create_model(name, pretrained='openai') gives GELU). Nothing is
+    downloaded: open_clip.create_model is replaced by one that records its arguments and builds
+    the same architecture with pretrained=None on the meta device."""
+    import types
+
+    import main
+    import src.heads
+
+    real, calls = open_clip.create_model, []
+
+    def fake_create_model(name, pretrained=None, **kwargs):
+        calls.append((name, pretrained, kwargs.get("force_quick_gelu", False)))
+        kwargs["device"] = "meta"
+        with torch.device("meta"):
+            return real(name, pretrained=None, **kwargs)
+
+    built = {}
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    monkeypatch.setattr(src.heads, "get_classification_head",
+                        lambda model_name, task, root, data, clip_model: built.setdefault(task, clip_model))
+    args = types.SimpleNamespace(model="ViT-B-32", data_location=str(tmp_path))
+    main.load_heads(args, types.SimpleNamespace(heads={}, root=tmp_path), ["MNISTVal"])
+    assert calls == [("ViT-B-32", "openai", True)]
+    text_model = built["MNIST"]
+    assert isinstance(text_model.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    assert isinstance(text_model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    with pytest.raises(ValueError, match="only None or 'openai'"):
+        clip.create_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
+    demo = pytest.importorskip("clip.demo", reason="clip/demo.py (embedded benchmark) not in this checkout")
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        clip.create_model(demo.DEMO_MODELS[0], pretrained="openai")
