@@ -356,9 +356,10 @@ def test_text_tower_for_heads_uses_quick_gelu(monkeypatch, tmp_path):
     built = {}
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
     monkeypatch.setattr(src.heads, "get_classification_head",
-                        lambda model_name, task, root, data, clip_model: built.setdefault(task, clip_model))
+                        lambda model_name, task, root, data, clip_model, convention: built.setdefault(task, clip_model))
     args = types.SimpleNamespace(model="ViT-B-32", data_location=str(tmp_path))
-    main.load_heads(args, types.SimpleNamespace(heads={}, root=tmp_path), ["MNISTVal"])
+    main.load_heads(args, types.SimpleNamespace(heads={}, root=tmp_path, layout="task_vectors"), ["MNISTVal"],
+                    "task_vectors")
     assert calls == [("ViT-B-32", "openai", True)]
     text_model = built["MNIST"]
     assert isinstance(text_model.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
