@@ -305,7 +305,7 @@ def check_save_path(args, ckpts=None) -> None:
     path = Path(args.save_merged)
     _check_writable(path.parent, f"--save-merged {path}")
     sources = [] if ckpts is None else [ckpts.zeroshot, *ckpts.finetuned.values(), *ckpts.heads.values()]
-    check_save_path_of(path, sources, overwrite=args.overwrite)
+    check_save_path_of(path, sources, overwrite=args.overwrite, label="--save-merged")
 
 
 def validate(args) -> None:

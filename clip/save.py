@@ -35,24 +35,26 @@ def sidecar_path(path: PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def check_save_path(path: PathLike, sources: Iterable[PathLike] = (), overwrite: bool = False) -> Path:
+def check_save_path(path: PathLike, sources: Iterable[PathLike] = (), overwrite: bool = False,
+                    label: str = "save_merged") -> Path:
     """Refuse a path whose writing would lose data: not a ``.safetensors`` file (``x.json`` would
     be overwritten by its own sidecar), an existing file or sidecar without ``overwrite``, or one
-    of the ``sources`` (the checkpoints the merge reads), even with ``overwrite``."""
+    of the ``sources`` (the checkpoints the merge reads), even with ``overwrite``. ``label`` starts
+    the error (main.py passes ``--save-merged``)."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"save_merged: {path} is a folder; give a file path ending in .safetensors")
+        raise ValueError(f"{label} {path}: a folder; give a file path ending in .safetensors")
     if path.suffix != ".safetensors":
-        raise ValueError(f"save_merged: {path} does not end in .safetensors (the weights are safetensors and "
+        raise ValueError(f"{label} {path}: does not end in .safetensors (the weights are safetensors and "
                          f"the description goes to {sidecar_path(path).name}); give a .safetensors path")
     for target in (path, sidecar_path(path)):
         if any(target.resolve() == Path(src).resolve() for src in sources):
-            raise ValueError(f"save_merged: {target} is an input checkpoint of this merge; give another path")
-        if target.exists() and not overwrite:
-            raise ValueError(f"save_merged: {target} exists; give another path or allow replacing it "
-                             "(--overwrite, overwrite=True)")
+            raise ValueError(f"{label} {path}: {target} is an input checkpoint of this merge; give another path")
         if target.is_dir():
-            raise ValueError(f"save_merged: {target} is a folder; give another path")
+            raise ValueError(f"{label} {path}: {target} is a folder; give another path")
+        if target.exists() and not overwrite:
+            raise ValueError(f"{label} {path}: {target} exists; give another path or allow replacing it "
+                             "(--overwrite; overwrite=True in Python)")
     return path
 
 

@@ -79,14 +79,14 @@ def test_logs_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsy
 def test_save_merged_needs_a_safetensors_path(tmp_path, capsys, name):
     (tmp_path / "folder").mkdir()
     message = refused(tmp_path, capsys, "give a", "--save-merged", str(tmp_path / name))
-    assert ".safetensors" in message
+    assert message.startswith(f"error: --save-merged {tmp_path / name}: ") and ".safetensors" in message
     assert not (tmp_path / "merged.json").exists() and not (tmp_path / "merged.pt").exists()
 
 
 def test_save_merged_never_replaces_an_existing_file_without_overwrite(tmp_path, capsys):
     for existing in ("merged.safetensors", "merged.json"):  # the weights, or the sidecar
         (tmp_path / existing).write_text("keep me")
-        refused(tmp_path, capsys, "exists; give another path or allow replacing it (--overwrite",
+        refused(tmp_path, capsys, "exists; give another path or allow replacing it (--overwrite;",
                 "--save-merged", str(tmp_path / "merged.safetensors"))
         assert (tmp_path / existing).read_text() == "keep me"
         (tmp_path / existing).unlink()
@@ -131,6 +131,7 @@ def test_save_merged_replaces_a_file_with_overwrite(workdir, tmp_path):
 
 def test_library_save_merged_refuses_paths_that_lose_data(tmp_path):
     import torch
+    from safetensors.torch import load_file
 
     from clip.save import save_merged
 
@@ -140,7 +141,7 @@ def test_library_save_merged_refuses_paths_that_lose_data(tmp_path):
     sd = {"w": torch.ones(2)}
     with pytest.raises(ValueError, match="does not end in .safetensors"):
         save_merged(tmp_path / "merged.json", sd, meta)
-    with pytest.raises(ValueError, match="is a folder"):
+    with pytest.raises(ValueError, match="a folder; give a file path ending in .safetensors"):
         save_merged(tmp_path, sd, meta)
     with pytest.raises(ValueError, match="input checkpoint"):
         save_merged(src, sd, meta, overwrite=True)
@@ -149,6 +150,7 @@ def test_library_save_merged_refuses_paths_that_lose_data(tmp_path):
     with pytest.raises(ValueError, match="exists"):
         save_merged(tmp_path / "merged.safetensors", sd, meta)
     save_merged(tmp_path / "merged.safetensors", {"w": torch.zeros(2)}, meta, overwrite=True)
+    assert load_file(tmp_path / "merged.safetensors")["w"].tolist() == [0.0, 0.0]
 
 
 def test_flags_without_effect_are_named_in_a_warning(tmp_path, capsys):
