@@ -316,8 +316,11 @@ def validate(args) -> None:
         if value is not None and not value.strip(",\t\n "):
             raise ValueError(f"{flag} is empty: give 8, 14, 20, a named set or A,B,C (or leave {flag} out)")
     tasks = resolve_tasks(args.tasks or default_tasks(args.model))
-    if args.eval_datasets:
-        resolve_tasks(args.eval_datasets)
+    datasets = resolve_tasks(args.eval_datasets) if args.eval_datasets else tasks
+    unmerged = [d for d in datasets if d.removesuffix("Val") not in tasks]
+    if merge == "finetuned" and unmerged:  # each dataset is evaluated with its own task's fine-tuned model
+        raise ValueError(f"--merge finetuned: no fine-tuned model among --tasks for {unmerged}; "
+                         "--eval-datasets must be among the merged tasks (or their Val splits)")
     if args.calibrate and args.svc_target is not None and not -len(tasks) <= args.svc_target < len(tasks):
         raise ValueError(f"--svc-target {args.svc_target} is out of range for {len(tasks)} tasks "
                          f"(0 .. {len(tasks) - 1}, the index in --tasks)")
@@ -341,12 +344,24 @@ def validate(args) -> None:
         print(f"warning: --amp has no effect on {device.type} (fp16 autocast is for CUDA)", file=sys.stderr, flush=True)
 
 
-def check_accuracy(accuracy: dict[str, float]) -> None:
-    """No NaN/inf accuracy (an empty split, a diverged merge) reaches the logs as a number."""
-    bad = {name: acc for name, acc in accuracy.items() if not math.isfinite(acc)}
+def _non_finite(value, where: str = "") -> list[str]:
+    """Paths of the NaN/inf floats inside nested dicts and lists, e.g. ``scaling_coef_curve[2].avg``."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [f"{where}={value}"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _non_finite(v, f"{where}[{i}]")]
+    return []
+
+
+def check_finite(record: dict, accuracy: dict[str, float]) -> None:
+    """Nothing is logged when an accuracy or a logged value is NaN/inf (an empty split, a diverged merge):
+    strict JSON would refuse the line after the text log was already written."""
+    bad = _non_finite({**record, "accuracy": accuracy})
     if not accuracy or bad:
-        raise ValueError(f"no finite accuracy to log ({bad or 'no dataset evaluated'}); nothing was written: "
-                         "check that the datasets are not empty and the merged weights are finite")
+        raise ValueError(f"no finite result to log ({', '.join(bad) or 'no dataset evaluated'}); nothing was "
+                         "written: check that the datasets are not empty and the merged weights are finite")
 
 
 # --- main -----------------------------------------------------------------------------
@@ -466,7 +481,7 @@ def run(args) -> dict:
 
 def finish(args, record: dict, accuracy: dict[str, float], times: dict[str, float]) -> dict:
     """Print the table, write the text log and append the JSON line."""
-    check_accuracy(accuracy)
+    check_finite(record, accuracy)
     now = datetime.now()
     record = {"time": now.isoformat(timespec="seconds"), **record, "accuracy": accuracy,
               "avg": sum(accuracy.values()) / len(accuracy)}

@@ -2,6 +2,7 @@
 
 Early refusals run on a fresh folder: a demo-micro run builds its zoo first, so a refusal that
 leaves no checkpoints/ folder behind happened before any work."""
+import json
 import math
 import os
 
@@ -9,6 +10,7 @@ import pytest
 
 import main
 import utils
+from src.datasets.registry import DatasetNotFoundError
 from tests.test_main import cli, results, workdir  # noqa: F401  (the module's demo-micro zoo)
 
 
@@ -50,6 +52,7 @@ def test_non_finite_numbers_are_refused_at_parse_time(tmp_path, capsys, flag, va
     (["--eval-datasets", ""], "--eval-datasets is empty"),
     (["--tasks", "Digits,Nope"], "Nope"),
     (["--merge", "fisher"], "unknown merge method 'fisher'"),
+    (["--merge", "finetuned", "--eval-datasets", "Digits,Letters"], "no fine-tuned model among --tasks for ['Letters']"),
     (["--c", "--svc-target", "7"], "--svc-target 7 is out of range for 3 tasks"),
     (["--c", "--svc-keys", "al2d"], "argument --svc-keys: invalid choice: 'al2d'"),
 ])
@@ -72,6 +75,18 @@ def test_logs_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsy
     (tmp_path / "logs" / "demo-micro" / "results.jsonl").mkdir(parents=True)
     with pytest.raises(SystemExit, match="results.jsonl cannot be written"):
         main.main(["--model", "demo-micro", "--base_dir", str(tmp_path), "--logs", str(tmp_path / "logs")])
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_logs_folder_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "logs").mkdir()
+    os.chmod(tmp_path / "logs", 0o500)
+    try:
+        with pytest.raises(SystemExit, match="is not writable"):
+            fresh(tmp_path)
+    finally:
+        os.chmod(tmp_path / "logs", 0o700)
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -183,7 +198,27 @@ def test_nan_accuracy_never_reaches_the_logs(workdir, monkeypatch):
         main.main(["--model", "demo-micro", "--base_dir", str(workdir), "--logs", str(folder), "--threads", "1",
                    "--merge", "zeroshot"])
     message = str(info.value.code)
-    assert message.startswith("error: no finite accuracy") and "Digits" in message
+    assert message.startswith("error: no finite result to log (accuracy.Digits=nan") and "\n" not in message
+    assert not list(folder.rglob("log_*")) and not (folder / "demo-micro" / "results.jsonl").exists()
+
+
+def test_nan_on_a_validation_split_never_reaches_the_logs(workdir, monkeypatch):
+    """A NaN validation score at one grid point (the others chosen from) stays in the logged curve: refused."""
+    real, calls = main.evaluate, []
+
+    def val_nan(args, encoder, heads, datasets):
+        result = real(args, encoder, heads, datasets)
+        calls.append(datasets)
+        return {d: math.nan if d == "ShapesVal" and len(calls) == 1 else acc for d, acc in result.items()}
+
+    monkeypatch.setattr(main, "evaluate", val_nan)
+    folder = workdir / "logs-nan-val"
+    (folder / "demo-micro").mkdir(parents=True)  # fine-tuned accuracies known: only the merged model gets NaN
+    (folder / "demo-micro" / "individual_accuracies.json").write_text(
+        json.dumps({f"{t}Val": 90.0 for t in main.resolve_tasks(main.default_tasks("demo-micro"))}))
+    with pytest.raises(SystemExit, match=r"^error: no finite result to log \(scaling_coef_curve\[0\]\.accuracy"):
+        main.main(["--model", "demo-micro", "--base_dir", str(workdir), "--logs", str(folder), "--threads", "1",
+                   "--no-progress", "--num-workers", "0", "--merge", "TA", "--scaling_coef", "auto"])
     assert not list(folder.rglob("log_*")) and not (folder / "demo-micro" / "results.jsonl").exists()
 
 
@@ -200,6 +235,13 @@ def test_errors_raised_deep_inside_are_one_line(workdir, monkeypatch):
 
     monkeypatch.setattr(main, "evaluate", denied)
     with pytest.raises(SystemExit, match=r"^error: \[Errno 13\] Permission denied: 'logs/x'$"):
+        cli(workdir, "--merge", "zeroshot")
+
+    def no_data(*args, **kwargs):
+        raise DatasetNotFoundError("Digits: no data under data/digits; download it with --download")
+
+    monkeypatch.setattr(main, "evaluate", no_data)
+    with pytest.raises(SystemExit, match="^error: Digits: no data under data/digits; download it with --download$"):
         cli(workdir, "--merge", "zeroshot")
 
 
