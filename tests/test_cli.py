@@ -90,11 +90,13 @@ def test_a_read_only_logs_folder_is_refused_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("name", ["merged.json", "merged.pt", "folder"])
+@pytest.mark.parametrize("name", ["merged.json", "merged.pt", "folder", "a-file/merged.safetensors"])
 def test_save_merged_needs_a_safetensors_path(tmp_path, capsys, name):
     (tmp_path / "folder").mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
     message = refused(tmp_path, capsys, "give a", "--save-merged", str(tmp_path / name))
-    assert message.startswith(f"error: --save-merged {tmp_path / name}: ") and ".safetensors" in message
+    assert message.startswith(f"error: --save-merged {tmp_path / name}: ")
+    assert ".safetensors" in message or "a-file is a file, not a folder" in message
     assert not (tmp_path / "merged.json").exists() and not (tmp_path / "merged.pt").exists()
 
 
