@@ -44,7 +44,7 @@ def check_save_path(path: PathLike, sources: Iterable[PathLike] = (), overwrite:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{label} {path}: a folder; give a file path ending in .safetensors")
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{label} {path}: does not end in .safetensors (the weights are safetensors and "
                          f"the description goes to {sidecar_path(path).name}); give a .safetensors path")
     for target in (path, sidecar_path(path)):
