@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -26,11 +27,13 @@ import merge_func
 import utils
 from clip.factory import load_into
 from clip.layout import LAYOUTS
+from clip.save import check_save_path as check_save_path_of
 from src import tuning
 from src.datasets import conventions
 from src.datasets.folder_sets import canonical_split_folders, set_split_folders
 from src.datasets.registry import NAMED_SETS, check_requirements, resolve_tasks
 from src.eval import describe_tasks, evaluate_tasks, pick_device
+from src.linalg import KEY_FILTERS
 from src.svc import check_alpha, default_alpha, svc
 from src.task_vectors import TaskVector
 
@@ -47,22 +50,60 @@ def _str2bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _finite(text: str) -> float:
+    """A float that is a real number: nan/inf would reach the merge and the logs (strict JSON refuses them)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _coef(text: str) -> float | str:
     if text == "auto":
         return text
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+        return _finite(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a finite number or 'auto', got {text!r}") from None
+
+
+def _alpha(text: str) -> float | str:
+    value = _coef(text)
+    if value != "auto" and value <= 0:
+        raise argparse.ArgumentTypeError(f"SVC alpha must be finite and > 0 (the paper's default is 1/K), got {text!r}")
+    return value
+
+
+def _int_from(low: int):
+    """argparse type: an integer >= ``low`` (0 threads or a negative batch size would fail after the work)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line, ``error: ...`` (exit code 1), like every other refused input."""
+
+    def error(self, message: str):
+        raise SystemExit(f"error: {message} (python main.py --help lists the options)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B-32", help="ViT-B-32, ViT-B-16, ViT-L-14, demo, demo-micro")
     p.add_argument("--merge", default="TA",
                    help=f"{', '.join(merge_func.MERGE_METHODS)}, or zeroshot / finetuned for the reference rows")
     p.add_argument("--c", "--calibrate", dest="calibrate", action="store_true", help="apply SVC after merging")
-    p.add_argument("--alpha", type=_coef, default=None,
+    p.add_argument("--alpha", type=_alpha, default=None,
                    help="SVC floor: number > 0 or 'auto' (validation). Default 1/K; 1.0 after TSV-M")
     p.add_argument("--scaling_coef", "--scaling-coef", type=_coef, default=None,
                    help="merge coefficient: number, or 'auto' to pick it on the <Task>Val splits "
@@ -74,15 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "the model's own set for demo models)")
     p.add_argument("--eval-datasets", default=None, help="datasets to evaluate (default: the merged tasks)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--batch-size", type=_int_from(1), default=128)
+    p.add_argument("--num-workers", type=_int_from(0), default=2)
     p.add_argument("--download", action="store_true",
                    help="let torchvision download datasets it can fetch (never done silently)")
     p.add_argument("--amp", action="store_true", help="fp16 autocast for evaluation on CUDA (faster, not bit-exact)")
     p.add_argument("--seed", type=int, default=42, help="global seed (the official runs use 42)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_int_from(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--logs", default="logs", help="log folder; results go to <logs>/<model>/")
-    p.add_argument("--save-merged", default=None, metavar="PATH", help="write the merged encoder as safetensors + JSON")
+    p.add_argument("--save-merged", default=None, metavar="PATH",
+                   help="write the merged encoder to PATH (.safetensors) and its description to PATH's .json")
+    p.add_argument("--overwrite", action="store_true", help="let --save-merged replace an existing file")
     p.add_argument("--rebuild", action="store_true", help="demo models: rebuild the checkpoint zoo")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--skip-existing", action="store_true",
@@ -91,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     svc_group.add_argument("--svc-target", "--target", dest="svc_target", type=int, default=None,
                            help="calibrate against one task only (official --target)")
     svc_group.add_argument("--svc-row-space", action="store_true", help="use right singular vectors (ablation)")
-    svc_group.add_argument("--svc-keys", default="official",
+    svc_group.add_argument("--svc-keys", default="official", choices=sorted(KEY_FILTERS),
                            help="official (2-D, no text_projection/embedding: 49 matrices on ViT-B/32) or all2d")
     svc_group.add_argument("--svc-dtype", choices=sorted(DTYPES), default="float32")
     methods = p.add_argument_group("merge-method options (default: the method's documented default)")
@@ -101,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
             if option in seen:
                 continue
             seen.add(option)
-            kind = _str2bool if isinstance(default, bool) else type(default) if default is not None else float
+            kind = type(default) if isinstance(default, (int, str)) else _finite
+            kind = _str2bool if isinstance(default, bool) else kind
             methods.add_argument(f"--{option}", type=kind, default=None,
                                  help=f"{name} (default {default if default is not None else '1/K'})")
     data = p.add_argument_group("evaluation data and coefficient search")
@@ -283,9 +327,120 @@ def calibrate(args, merged: TaskVector, tvs: list[TaskVector], alpha: float) -> 
                dtype=DTYPES[args.svc_dtype], device=args.device_obj if args.device_obj.type == "cuda" else None)
 
 
+# --- checks before any work -------------------------------------------------------------
+
+SVC_OPTIONS = ("alpha", "svc_target", "svc_row_space", "svc_keys", "svc_dtype")
+REFERENCE_ROWS = ("zeroshot", "finetuned")
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """``folder`` is a writable folder or can be created: refused now, not after the evaluation."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what}: {existing} is a file, not a folder; give another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: {existing} is not writable; give another path")
+
+
+def _flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """dest -> the flag as the user types it (the first long spelling)."""
+    return {a.dest: next((o for o in a.option_strings if o.startswith("--")), a.dest) for a in parser._actions}
+
+
+def ignored_flags(args, merge: str) -> list[str]:
+    """Warnings for flags that were given but change nothing in this run."""
+    parser = build_parser()
+    flag = _flag_names(parser)
+    given = [dest for dest in vars(args) if dest in flag and getattr(args, dest) != parser.get_default(dest)]
+    method_options = {o for options in merge_func.METHOD_OPTIONS.values() for o in options} - {"device"}
+    found = []
+    for dest in given:
+        if merge in REFERENCE_ROWS and dest in {"calibrate", "save_merged", "overwrite", *SVC_OPTIONS, *method_options}:
+            found.append(f"{flag[dest]} has no effect with --merge {merge} (nothing is merged)")
+        elif dest in SVC_OPTIONS and not args.calibrate:
+            found.append(f"{flag[dest]} has no effect without --c (it is an SVC option)")
+        elif dest in method_options and dest not in merge_func.METHOD_OPTIONS.get(merge, {}):
+            owners = [m for m, options in merge_func.METHOD_OPTIONS.items() if dest in options]
+            found.append(f"{flag[dest]} has no effect with --merge {merge} (it is an option of {', '.join(owners)})")
+        elif dest == "overwrite" and not args.save_merged:
+            found.append("--overwrite has no effect without --save-merged")
+        elif dest == "rebuild" and not args.model.startswith("demo"):
+            found.append(f"--rebuild has no effect on {args.model} (it rebuilds the demo zoos)")
+    return found
+
+
+def check_save_path(args, ckpts=None) -> None:
+    """--save-merged: a .safetensors file that is not an input and is only replaced with --overwrite."""
+    if not args.save_merged or args.merge.lower() in REFERENCE_ROWS:
+        return
+    path = Path(args.save_merged)
+    _check_writable(path.parent, f"--save-merged {path}")
+    sources = [] if ckpts is None else [ckpts.zeroshot, *ckpts.finetuned.values(), *ckpts.heads.values()]
+    check_save_path_of(path, sources, overwrite=args.overwrite, label="--save-merged")
+
+
+def validate(args) -> None:
+    """Refuse bad input before anything is built, read or evaluated; warn about flags that do nothing."""
+    reference = args.merge.lower()
+    merge = reference if reference in REFERENCE_ROWS else merge_func.canonical_name(args.merge)
+    for flag, value in (("--tasks", args.tasks), ("--eval-datasets", args.eval_datasets)):
+        if value is not None and not value.strip(",\t\n "):
+            raise ValueError(f"{flag} is empty: give 8, 14, 20, a named set or A,B,C (or leave {flag} out)")
+    tasks = resolve_tasks(args.tasks or default_tasks(args.model))
+    datasets = resolve_tasks(args.eval_datasets) if args.eval_datasets else tasks
+    unmerged = [d for d in datasets if d.removesuffix("Val") not in tasks]
+    if merge == "finetuned" and unmerged:  # each dataset is evaluated with its own task's fine-tuned model
+        raise ValueError(f"--merge finetuned: no fine-tuned model among --tasks for {unmerged}; "
+                         "--eval-datasets must be among the merged tasks (or their Val splits)")
+    if args.calibrate and args.svc_target is not None and not -len(tasks) <= args.svc_target < len(tasks):
+        raise ValueError(f"--svc-target {args.svc_target} is out of range for {len(tasks)} tasks "
+                         f"(0 .. {len(tasks) - 1}, the index in --tasks)")
+    try:
+        device = pick_device(args.device)
+    except RuntimeError:  # torch.device("foo")
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {args.device}: not a device; use cpu, cuda, cuda:N, mps or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    _check_writable(Path(args.logs) / args.model, f"--logs {args.logs}")
+    for name in ("results.jsonl", "individual_accuracies.json"):
+        file = Path(args.logs) / args.model / name
+        if file.is_dir() or (file.exists() and not os.access(file, os.W_OK)):
+            raise ValueError(f"--logs {args.logs}: {file} cannot be written; give another --logs")
+    check_save_path(args)
+    for warning in ignored_flags(args, merge):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    if args.amp and device.type != "cuda":
+        print(f"warning: --amp has no effect on {device.type} (fp16 autocast is for CUDA)", file=sys.stderr, flush=True)
+
+
+def _non_finite(value, where: str = "") -> list[str]:
+    """Paths of the NaN/inf floats inside nested dicts and lists, e.g. ``scaling_coef_curve[2].avg``."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [f"{where}={value}"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _non_finite(v, f"{where}[{i}]")]
+    return []
+
+
+def check_finite(record: dict, accuracy: dict[str, float]) -> None:
+    """Nothing is logged when an accuracy or a logged value is NaN/inf (an empty split, a diverged merge):
+    strict JSON would refuse the line after the text log was already written."""
+    bad = _non_finite({**record, "accuracy": accuracy})
+    if not accuracy or bad:
+        raise ValueError(f"no finite result to log ({', '.join(bad) or 'no dataset evaluated'}); nothing was "
+                         "written: check that the datasets are not empty and the merged weights are finite")
+
+
 # --- main -----------------------------------------------------------------------------
 
 def run(args) -> dict:
+    validate(args)
     threads = utils.set_threads(args.threads)
     utils.seed_everything(args.seed)
     args.device_obj = pick_device(args.device)
@@ -311,6 +466,7 @@ def run(args) -> dict:
     conventions.check_layout(ckpts.layout, args.eval_convention, tasks)  # EMNIST: the fine-tune's own data
     check_requirements(datasets)
     ckpts.check(args.model)
+    check_save_path(args, ckpts)  # never overwrite an input checkpoint
     # the same request on other checkpoints (a rebuilt zoo, new downloads) is not done yet
     done = {"request": request, "checkpoints": fingerprint(ckpts)}
     if args.skip_existing and any(all(r.get(k) == v for k, v in done.items()) for r in utils.read_jsonl(results)):
@@ -398,7 +554,7 @@ def run(args) -> dict:
         meta = {"method": merge, "options": options, "svc": args.calibrate, "alpha": alpha, "tasks": tasks,
                 "model": args.model,
                 "sources": {"zeroshot": str(ckpts.zeroshot), **{t: str(p) for t, p in ckpts.finetuned.items()}}}
-        clip.save_merged(args.save_merged, merged_sd, meta)
+        clip.save_merged(args.save_merged, merged_sd, meta, overwrite=args.overwrite)
         print(f"merged encoder written to {args.save_merged}", flush=True)
     with utils.timer(times, "eval_seconds"):
         accuracy = evaluate(args, encoder, heads, datasets, record["data"])
@@ -409,6 +565,7 @@ def run(args) -> dict:
 
 def finish(args, record: dict, accuracy: dict[str, float], times: dict[str, float]) -> dict:
     """Print the table, write the text log and append the JSON line."""
+    check_finite(record, accuracy)
     now = datetime.now()
     record = {"time": now.isoformat(timespec="seconds"), **record, "accuracy": accuracy,
               "avg": sum(accuracy.values()) / len(accuracy)}
@@ -443,7 +600,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (clip.CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; atomic writes have removed their temporary files
+        print("interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except SystemExit as err:  # raised deep inside with a plain message
+        if isinstance(err.code, str) and not err.code.startswith("error: "):
+            raise SystemExit(f"error: {err.code}") from None
+        raise
+    # bad input: CheckpointError, DatasetNotFoundError (a FileNotFoundError), an unknown key or value,
+    # a file that cannot be written (PermissionError, NotADirectoryError, a full disk: OSError)
+    except (clip.CheckpointError, OSError, KeyError, ValueError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         raise SystemExit(f"error: {message}") from None
 

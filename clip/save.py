@@ -4,9 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -34,13 +35,58 @@ def sidecar_path(path: PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def save_merged(path: PathLike, state_dict: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Path:
+def check_save_path(path: PathLike, sources: Iterable[PathLike] = (), overwrite: bool = False,
+                    label: str = "save_merged") -> Path:
+    """Refuse a path whose writing would lose data: not a ``.safetensors`` file (``x.json`` would
+    be overwritten by its own sidecar), an existing file or sidecar without ``overwrite``, or one
+    of the ``sources`` (the checkpoints the merge reads), even with ``overwrite``. ``label`` starts
+    the error (main.py passes ``--save-merged``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{label} {path}: a folder; give a file path ending in .safetensors")
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{label} {path}: does not end in .safetensors (the weights are safetensors and "
+                         f"the description goes to {sidecar_path(path).name}); give a .safetensors path")
+    for target in (path, sidecar_path(path)):
+        if any(target.resolve() == Path(src).resolve() for src in sources):
+            raise ValueError(f"{label} {path}: {target} is an input checkpoint of this merge; give another path")
+        if target.is_dir():
+            raise ValueError(f"{label} {path}: {target} is a folder; give another path")
+        if target.exists() and not overwrite:
+            raise ValueError(f"{label} {path}: {target} exists; give another path or allow replacing it "
+                             "(--overwrite; overwrite=True in Python)")
+    return path
+
+
+def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` next to ``path``, then rename: an interrupted save leaves neither half a file nor a temp."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_merged(path: PathLike, state_dict: Mapping[str, Tensor], meta: Mapping[str, Any],
+                overwrite: bool = False) -> Path:
     """Save ``state_dict`` to ``path`` (safetensors) and ``<path stem>.json`` describing it.
 
     ``meta`` holds at least ``method``, ``options``, ``alpha``, ``tasks`` and ``sources``
     (paths of the checkpoints used, a list or a ``{name: path}`` dict); each source gets its
     SHA-256. The same JSON is stored in the safetensors metadata. Returns the sidecar path.
-    ``clip.load_state_dict(path)`` reads the file back.
+    ``clip.load_state_dict(path)`` reads the file back. ``path`` must end in ``.safetensors``,
+    must not be a source, and replaces an existing file only with ``overwrite`` (``check_save_path``).
     """
     from safetensors.torch import save_file
 
@@ -50,7 +96,8 @@ def save_merged(path: PathLike, state_dict: Mapping[str, Tensor], meta: Mapping[
     if missing:
         raise ValueError(f"save_merged: meta lacks {missing} (needs {list(required)})")
     sources = meta["sources"]
-    items = sources.items() if isinstance(sources, Mapping) else ((None, s) for s in sources)
+    items = list(sources.items() if isinstance(sources, Mapping) else ((None, s) for s in sources))
+    check_save_path(path, [src for _, src in items], overwrite)
     described = []
     for name, src in items:
         src = Path(src)
@@ -66,7 +113,7 @@ def save_merged(path: PathLike, state_dict: Mapping[str, Tensor], meta: Mapping[
     text = json.dumps(info, indent=2, sort_keys=False, default=str)
     tensors = {k: state_dict[k].detach().to("cpu").contiguous().clone() for k in state_dict}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"merge_info": text})
+    _replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"merge_info": text}))
     side = sidecar_path(path)
-    side.write_text(text + "\n")
+    _replace_atomically(side, lambda tmp: Path(tmp).write_text(text + "\n"))
     return side

@@ -377,6 +377,12 @@ def _resolve_tasks(spec: list[str]) -> list[str]:
     return spec
 
 
+def _default_tasks(model: str) -> str:
+    from main import default_tasks  # the task set main.py merges for this model, so plots show that run
+
+    return default_tasks(model)
+
+
 def _results_dir(path: str) -> Path:
     files = results_files(path)
     if len(files) > 1:
@@ -395,7 +401,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
         p = sub.add_parser(name, help=f"{name} plot from checkpoints (no data needed)")
         p.add_argument("--model", required=True, help="e.g. ViT-B-32 or demo")
         p.add_argument("--base_dir", default=".", help="folder holding checkpoints/ (as main.py)")
-        p.add_argument("--tasks", nargs="+", default=["8"], help="task set (8, 14, 20, demo) or task names")
+        p.add_argument("--tasks", nargs="+", default=None,
+                       help="task set (8, 14, 20, demo) or task names (default: as main.py, the model's own set "
+                            "for demo models, else 8)")
         p.add_argument("--merge", nargs="+", default=["TA"] if name == "spectrum" else ["TA", "TIES", "TSV-M"])
         p.add_argument("--layer", nargs="+" if name == "spectrum" else 1, default=None,
                        help="parameter key(s) or unique substring(s); default: attn.out_proj of "
@@ -427,7 +435,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 def _run(args) -> list[Path]:
     if args.command in ("spectrum", "coefficients"):
-        tasks = _resolve_tasks(args.tasks)
+        tasks = _resolve_tasks(args.tasks or [_default_tasks(args.model)])
         tvs = load_task_vectors(args.model, args.base_dir, tasks)
         layers = pick_layers(tvs[0].shapes(), args.layer)
         if args.command == "coefficients" and not args.layer:

@@ -153,3 +153,22 @@ def test_spectral_commands_on_checkpoints(tmp_path):
     _check(paths)
     with pytest.raises(SystemExit):  # a missing task is a clear CLI error, not a traceback
         plots.main(["spectrum", *common[:5], "D", "--logs_dir", str(tmp_path / "logs")])
+
+
+def test_spectral_commands_default_to_the_models_own_tasks(tmp_path, monkeypatch):
+    """Without --tasks, a demo model's plots use its task set, as main.py does (not the 8 CLIP tasks)."""
+    import main
+    from src.datasets.registry import resolve_tasks
+    from src.demo.zoo import ensure_zoo
+
+    ensure_zoo("demo-micro", str(tmp_path / "checkpoints"))
+    expected = resolve_tasks(main.default_tasks("demo-micro"))
+    seen = []
+    for name in ("plot_spectrum", "plot_coefficients"):
+        real = getattr(plots, name)
+        monkeypatch.setattr(plots, name, lambda data, out, tasks, *rest, real=real: seen.append(list(tasks))
+                            or real(data, out, tasks, *rest))
+    common = ["--model", "demo-micro", "--base_dir", str(tmp_path), "--logs_dir", str(tmp_path / "logs")]
+    _check(plots.main(["spectrum", *common, "--layer", "out_proj"])[:2])
+    _check(plots.main(["coefficients", *common, "--merge", "TA"]))
+    assert seen == [expected, expected]
