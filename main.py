@@ -251,6 +251,7 @@ def store_individual(args, checkpoints: str, accuracy: dict[str, float], data: d
     def update(cache):
         if not isinstance(cache, dict):
             raise ValueError(f"{path} is not a JSON object; delete it (it is a cache and is rebuilt)")
+        check_finite({}, accuracy)  # a NaN fine-tuned accuracy is never cached
         for name, acc in accuracy.items():
             entry = cache.get(name) if isinstance(cache.get(name), dict) else {}
             entry[checkpoints] = {"acc": acc, "data": data[name]}
@@ -489,6 +490,7 @@ def run(args) -> dict:
     if merge == "zeroshot":
         with utils.timer(times, "eval_seconds"):
             accuracy = evaluate(args, encoder, heads, datasets, record["data"])
+        check_finite(record, accuracy)  # before the fine-tuned models are measured for it
         with utils.timer(times, "individual_seconds"):  # for normalised accuracy, once per checkpoints and data
             individual_for(args, ckpts, encoder, heads, datasets, zeroshot_sd, record["data"])
         return finish(args, record, accuracy, times)
@@ -558,6 +560,7 @@ def run(args) -> dict:
         print(f"merged encoder written to {args.save_merged}", flush=True)
     with utils.timer(times, "eval_seconds"):
         accuracy = evaluate(args, encoder, heads, datasets, record["data"])
+    check_finite(record, accuracy)
     with utils.timer(times, "individual_seconds"):  # for normalised accuracy, once per checkpoints and data
         individual_for(args, ckpts, encoder, heads, datasets, merged_sd, record["data"])
     return finish(args, record, accuracy, times)
