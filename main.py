@@ -348,7 +348,8 @@ def finish(args, record: dict, accuracy: dict[str, float], times: dict[str, floa
     print("\n" + text, flush=True)
     folder = Path(args.logs) / args.model
     suffix = f"{record['merge']}{'_svc' if record.get('svc') else ''}"
-    utils.atomic_write_text(folder / f"log_{now:%Y%m%d_%H%M%S}_{suffix}.txt", text)
+    # never overwritten: runs finishing in the same second (run.sh, sweep workers) get _2, _3...
+    utils.write_new_text(folder / f"log_{now:%Y%m%d_%H%M%S}_{suffix}.txt", text)
     utils.append_jsonl(folder / "results.jsonl", record)
     return record
 
