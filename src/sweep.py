@@ -24,18 +24,22 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "main.py"
 METHODS = ("TA", "TIES", "DARE", "TSV-M", "Iso-C", "Iso-CTS", "STAR", "WA")  # run.sh's default METHODS
+ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}  # Slurm states
 
 
 @dataclass(frozen=True)
 class Run:
     label: str  # as run.sh echoes it: zeroshot, finetuned, TA, TA+SVC, ...
     argv: tuple[str, ...]  # main.py's arguments
+    key: str = field(default="", compare=False)  # request + checkpoint fingerprint, once planned
 
 
 def sweep_runs(model: str, methods: list[str] | tuple[str, ...] = METHODS, tuned: bool = False,
@@ -142,11 +146,12 @@ def launch_slurm(groups: list[list[Run]], folder: Path, params: dict, wait: bool
     with executor.batch():
         jobs = [executor.submit(run_job, [list(r.argv) for r in group], os.getcwd()) for group in groups]
     names = [",".join(r.label for r in group) for group in groups]
-    for job, name in zip(jobs, names):
+    for job, name, group in zip(jobs, names, groups):
         print(f"submitted {job.job_id}: {name} (log {job.paths.stdout})", flush=True)
+        utils.append_jsonl(folder / SUBMITTED, {"job_id": job.job_id, "runs": [r.key for r in group]})
     if not wait:
-        print("not waiting (--no-wait): run the same command once the jobs are done, to collect the table "
-              "and resubmit what failed", flush=True)
+        print("not waiting (--no-wait): run the same command again to see the table and resubmit what failed; "
+              "runs still pending or running are not submitted twice", flush=True)
         return []
     outcomes = []
     try:
@@ -160,12 +165,41 @@ def launch_slurm(groups: list[list[Run]], folder: Path, params: dict, wait: bool
             print(f"{'FAILED' if outcome.error else 'done'}: {name} (log {outcome.log})", flush=True)
             outcomes.append(outcome)
     except KeyboardInterrupt:
-        raise SystemExit("interrupted: the jobs keep running on the cluster; run the same command again "
-                         "once they are done to collect the table") from None
+        raise SystemExit("interrupted: the jobs keep running on the cluster; the same command run again "
+                         "submits only what is neither done nor still pending or running") from None
     return outcomes
 
 
 # ----------------------------------------------------------------------------- planning
+SUBMITTED = "submitted.jsonl"  # in the jobs folder: which Slurm job holds which runs
+
+
+def job_state(folder: Path, job_id: str) -> str:
+    """Slurm state of a job submitted from `folder` (PENDING, RUNNING, COMPLETED, ...), via sacct."""
+    import submitit
+
+    return submitit.SlurmJob(folder=str(folder / "%j"), job_id=job_id).state
+
+
+def in_flight(folder: Path, keys: set[str]) -> dict[str, str]:
+    """run key -> Slurm job id, for those of `keys` whose job, submitted earlier (e.g. with
+    --no-wait), is still pending or running: submitting them again would run them twice."""
+    records = [r for r in utils.read_jsonl(folder / SUBMITTED) if keys & set(r.get("runs", []))]
+    if not records:
+        return {}
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        return {}
+    busy = {}
+    for record in records:
+        job_id = str(record.get("job_id"))
+        state = job_state(folder, job_id).upper().split() or ["UNKNOWN"]  # e.g. "CANCELLED by 123"
+        if state[0] in ACTIVE:
+            busy.update({k: job_id for k in record.get("runs", [])})
+    return busy
+
+
 def logs_dir(model: str, extra: list[str]) -> Path:
     """<logs>/<model> as main.py will see it (--logs DIR, --logs=DIR, abbreviations)."""
     import main
@@ -174,9 +208,9 @@ def logs_dir(model: str, extra: list[str]) -> Path:
 
 
 def pending(runs: list[Run], force: bool) -> tuple[list[Run], list[Run]]:
-    """(runs to submit, runs already in results.jsonl). Each run is planned by main.plan without
-    loading weights; a bad flag or missing checkpoints stops here, before anything is submitted.
-    Runs that resolve to the same request are submitted once."""
+    """(runs to submit, runs already in results.jsonl), each with its key. Each run is planned by
+    main.plan without loading weights; a bad flag or missing checkpoints stops here, before
+    anything is submitted. Runs that resolve to the same request are submitted once."""
     import clip
     import main
 
@@ -197,9 +231,9 @@ def pending(runs: list[Run], force: bool) -> tuple[list[Run], list[Run]]:
         key = json.dumps({"request": planned["request"], "checkpoints": planned["checkpoints"]}, sort_keys=True,
                          default=str)
         if planned["done"] and not force:
-            done.append(run)
+            done.append(replace(run, key=key))
         elif key not in seen:
-            todo.append(run)
+            todo.append(replace(run, key=key))
         seen.add(key)
     return todo, done
 
@@ -288,9 +322,15 @@ def main(argv: list[str] | None = None) -> int:
         todo, done = pending(runs, args.force)
     for message in dict.fromkeys(str(w.message) for w in caught):
         print(f"warning: {message}", file=sys.stderr)
-    print(f"{len(runs)} runs: {len(done)} already in {folder / 'results.jsonl'}, {len(todo)} to run", flush=True)
-    groups = [todo[i:i + args.runs_per_job] for i in range(0, len(todo), args.runs_per_job)]
     jobs = Path(args.folder) if args.folder else folder / "sweep"
+    busy = in_flight(jobs, {run.key for run in todo})
+    for run in todo:
+        if run.key in busy:
+            print(f"not submitted: {run.label} is in Slurm job {busy[run.key]}, still pending or running", flush=True)
+    todo = [run for run in todo if run.key not in busy]
+    print(f"{len(runs)} runs: {len(done)} already in {folder / 'results.jsonl'}, "
+          f"{len(runs) - len(done) - len(todo)} in flight or duplicates, {len(todo)} to run", flush=True)
+    groups = [todo[i:i + args.runs_per_job] for i in range(0, len(todo), args.runs_per_job)]
     if args.dry_run:
         for i, group in enumerate(groups):
             for run in group:

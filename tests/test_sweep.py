@@ -105,7 +105,7 @@ def test_local_launcher_sweeps_resumes_and_matches_run_sh(workdir, capsys):
     path.write_text("\n".join(line for line in lines if '"merge": "TA", "svc": false' not in line) + "\n")
     assert launcher(workdir, "logs-local", "--launcher", "local", "--dry-run") == 0
     dry = capsys.readouterr().out
-    assert "6 runs: 5 already in" in dry and dry.count("python main.py") == 1 and "--merge TA --base_dir" in dry
+    assert "6 runs: 5 already in" in dry and dry.count("python main.py") == 1 and "--merge TA --logs" in dry
     failing = workdir / "failing_main.py"
     failing.write_text("import sys\nprint('boom')\nsys.exit(3)\n")
     real = sweep.MAIN
@@ -197,6 +197,14 @@ def test_slurm_launch_submits_one_array_and_reports_failed_jobs(workdir, monkeyp
     assert Executor.batches == 1 and [len(g) for g in submitted] == [2, 2, 2]
     err = capsys.readouterr().err
     assert "FAILED (1 jobs)" in err and "TIES,TIES+SVC" in err and "/jobs/77_2_0_log.err" in err
+
+    # runs of a job still pending or running (e.g. after --no-wait) are not submitted twice
+    pytest.importorskip("submitit")
+    monkeypatch.setattr(sweep, "job_state", lambda folder, job_id: "RUNNING" if job_id == "77_0" else "FAILED")
+    assert launcher(workdir, "logs-slurm", "--launcher", "slurm", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "zeroshot is in Slurm job 77_0" in out and "finetuned is in Slurm job 77_0" in out
+    assert out.count("python main.py") == 4 and "--merge zeroshot" not in out
 
 
 def test_without_submitit_slurm_says_what_to_install(monkeypatch, tmp_path):
