@@ -140,9 +140,8 @@ def slurm_executor(folder: Path, params: dict):
     return executor
 
 
-def launch_slurm(groups: list[list[Run]], folder: Path, params: dict, wait: bool) -> list[Outcome]:
+def launch_slurm(groups: list[list[Run]], executor, folder: Path, wait: bool) -> list[Outcome]:
     """One submitit job array, one job per group; waits for the jobs unless `wait` is False."""
-    executor = slurm_executor(folder, params)
     with executor.batch():
         jobs = [executor.submit(run_job, [list(r.argv) for r in group], os.getcwd()) for group in groups]
     names = [",".join(r.label for r in group) for group in groups]
@@ -315,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs_per_job < 1 or (args.workers is not None and args.workers < 1):
         parser.error("--runs-per-job and --workers must be at least 1")
     params = slurm_parameters(args, args.model) if args.launcher == "slurm" else {}
+    jobs = Path(args.folder) if args.folder else folder / "sweep"
+    # no submitit, no Slurm, a wrong sbatch parameter: said before any work
+    executor = slurm_executor(jobs, params) if args.launcher == "slurm" and not args.dry_run else None
 
     ensure_demo_zoo(args.model, extra)
     with warnings.catch_warnings(record=True) as caught:  # a damaged results line: say it once, not per run
@@ -322,7 +324,6 @@ def main(argv: list[str] | None = None) -> int:
         todo, done = pending(runs, args.force)
     for message in dict.fromkeys(str(w.message) for w in caught):
         print(f"warning: {message}", file=sys.stderr)
-    jobs = Path(args.folder) if args.folder else folder / "sweep"
     busy = in_flight(jobs, {run.key for run in todo})
     for run in todo:
         if run.key in busy:
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             outcomes = launch_local(groups, jobs / f"local_{time.strftime('%Y%m%d_%H%M%S')}_{os.getpid()}",
                                     args.workers or 1)
         else:
-            outcomes = launch_slurm(groups, jobs, params, wait=not args.no_wait)
+            outcomes = launch_slurm(groups, executor, jobs, wait=not args.no_wait)
             if args.no_wait:
                 return 0
         print(f"{len(groups)} jobs finished in {time.time() - start:.0f} s", flush=True)

@@ -192,8 +192,12 @@ def test_slurm_launch_submits_one_array_and_reports_failed_jobs(workdir, monkeyp
             submitted.append(argvs)
             return Job(len(submitted) - 1, argvs)
 
-    monkeypatch.setattr(sweep, "slurm_executor", lambda folder, params: Executor())
+    order = []  # the executor (submitit, srun, sbatch parameters) is checked before any work
+    monkeypatch.setattr(sweep, "slurm_executor", lambda folder, params: order.append("executor") or Executor())
+    build_zoo = sweep.ensure_demo_zoo
+    monkeypatch.setattr(sweep, "ensure_demo_zoo", lambda *a: order.append("zoo") or build_zoo(*a))
     assert launcher(workdir, "logs-slurm", "--launcher", "slurm", "--runs-per-job", "2", "--no-table") == 1
+    assert order == ["executor", "zoo"]
     assert Executor.batches == 1 and [len(g) for g in submitted] == [2, 2, 2]
     err = capsys.readouterr().err
     assert "FAILED (1 jobs)" in err and "TIES,TIES+SVC" in err and "/jobs/77_2_0_log.err" in err
