@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -140,6 +141,14 @@ def slurm_executor(folder: Path, params: dict):
     return executor
 
 
+def _reason(err: Exception) -> str:
+    """One line out of submitit's error: the job's own exception (the last 'XxxError: ...' line of
+    the remote traceback), else the first line (e.g. a timeout or a cancelled job)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception): ", line)]
+    return raised[-1] if raised else lines[0]
+
+
 def launch_slurm(groups: list[list[Run]], executor, folder: Path, wait: bool) -> list[Outcome]:
     """One submitit job array, one job per group; waits for the jobs unless `wait` is False."""
     with executor.batch():
@@ -159,7 +168,7 @@ def launch_slurm(groups: list[list[Run]], executor, folder: Path, wait: bool) ->
             try:
                 job.result()
             except Exception as err:  # the job's own error (RuntimeError above), a timeout, a cancelled job
-                outcome.error = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                outcome.error = _reason(err)
                 outcome.log = f"{job.paths.stdout} and {job.paths.stderr}"
             print(f"{'FAILED' if outcome.error else 'done'}: {name} (log {outcome.log})", flush=True)
             outcomes.append(outcome)
@@ -371,4 +380,7 @@ def sbatch_preview(folder: Path, params: dict, jobs: int) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # through the importable module: submitit then pickles src.sweep.run_job by reference, not __main__'s by value
+    from src import sweep
+
+    sys.exit(sweep.main())

@@ -177,7 +177,9 @@ def test_slurm_launch_submits_one_array_and_reports_failed_jobs(workdir, monkeyp
 
         def result(self):
             if any("TIES" in argv for argv in self.argvs):
-                raise RuntimeError("Job 77 failed\nRuntimeError: 1 of 2 runs failed: --merge TIES (exit 1)")
+                raise RuntimeError("Job (task=0) failed during processing with trace:\n  File x, line 80, in run_job\n"
+                                   "RuntimeError: 1 of 2 runs failed: --merge TIES (exit 1)\n----\n"
+                                   "You can check full logs with 'job.stderr(0)'")
             return len(self.argvs)
 
     class Executor:
@@ -201,6 +203,7 @@ def test_slurm_launch_submits_one_array_and_reports_failed_jobs(workdir, monkeyp
     assert Executor.batches == 1 and [len(g) for g in submitted] == [2, 2, 2]
     err = capsys.readouterr().err
     assert "FAILED (1 jobs)" in err and "TIES,TIES+SVC" in err and "/jobs/77_2_0_log.err" in err
+    assert "TIES,TIES+SVC: RuntimeError: 1 of 2 runs failed: --merge TIES (exit 1)" in err
 
     # runs of a job still pending or running (e.g. after --no-wait) are not submitted twice
     pytest.importorskip("submitit")
