@@ -16,6 +16,7 @@ the file system. submitit is optional: only --launcher slurm needs it (pip insta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -65,18 +66,13 @@ def run_job(argvs: list[list[str]], cwd: str, log: str | None = None) -> int:
     Raises RuntimeError naming the failed runs, so the scheduler marks the job failed.
     Plain strings in, an int out: pickles cleanly for submitit."""
     failed = []
-    out = open(log, "a") if log else None
-    try:
+    with open(log, "a") if log else contextlib.nullcontext() as out:
         for argv in argvs:
-            header = f"=== python main.py {shlex.join(argv)}"
-            print(header, file=out, flush=True)
+            print(f"=== python main.py {shlex.join(argv)}", file=out, flush=True)
             code = subprocess.run([sys.executable, str(MAIN), *argv], cwd=cwd, stdout=out,
                                   stderr=subprocess.STDOUT if out else None).returncode
             if code:
                 failed.append(f"{shlex.join(argv)} (exit {code})")
-    finally:
-        if out:
-            out.close()
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(argvs)} runs failed: " + "; ".join(failed))
     return len(argvs)
