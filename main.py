@@ -323,6 +323,29 @@ def requested(args, merge: str, tasks: list[str], datasets: list[str]) -> dict:
     return request
 
 
+def plan(args) -> dict:
+    """What a run is, without loading any weights: merge name, tasks, evaluated datasets, the
+    located checkpoints (ckpts), the `request` and checkpoint fingerprint (`checkpoints`) that
+    identify it in results.jsonl (`results`), and whether that file already holds it (`done`).
+    --skip-existing and src.sweep both decide "already done" here."""
+    reference = args.merge.lower()
+    merge = reference if reference in ("zeroshot", "finetuned") else merge_func.canonical_name(args.merge)
+    tasks = resolve_tasks(args.tasks or default_tasks(args.model))
+    datasets = resolve_tasks(args.eval_datasets) if args.eval_datasets else tasks
+    request = requested(args, merge, tasks, datasets)
+    results = Path(args.logs) / args.model / "results.jsonl"
+    ckpts = clip.find_checkpoints(args.model, args.base_dir, tasks, layout=args.checkpoint_layout)
+    args.eval_convention = conventions.resolve(args.convention, ckpts.layout)
+    conventions.check_layout(ckpts.layout, args.eval_convention, tasks)  # EMNIST: the fine-tune's own data
+    check_requirements(datasets)
+    ckpts.check(args.model)
+    # the same request on other checkpoints (a rebuilt zoo, new downloads) is not done yet
+    key = {"request": request, "checkpoints": fingerprint(ckpts)}
+    done = any(all(r.get(k) == v for k, v in key.items()) for r in utils.read_jsonl(results))
+    return {"merge": merge, "tasks": tasks, "datasets": datasets, "ckpts": ckpts, "results": results, **key,
+            "done": done}
+
+
 def calibrate(args, merged: TaskVector, tvs: list[TaskVector], alpha: float) -> TaskVector:
     return svc(merged, tvs, alpha, target=args.svc_target, row_space=args.svc_row_space, keys=args.svc_keys,
                dtype=DTYPES[args.svc_dtype], device=args.device_obj if args.device_obj.type == "cuda" else None)
@@ -456,21 +479,12 @@ def run(args) -> dict:
         with utils.timer(times, "zoo_seconds"):
             ensure_zoo(args.model, os.path.join(args.base_dir, "checkpoints"), rebuild=args.rebuild)
 
-    reference = args.merge.lower()
-    merge = reference if reference in ("zeroshot", "finetuned") else merge_func.canonical_name(args.merge)
-    tasks = resolve_tasks(args.tasks or default_tasks(args.model))
-    datasets = resolve_tasks(args.eval_datasets) if args.eval_datasets else tasks
-    request = requested(args, merge, tasks, datasets)
-    results = Path(args.logs) / args.model / "results.jsonl"
-    ckpts = clip.find_checkpoints(args.model, args.base_dir, tasks, layout=args.checkpoint_layout)
-    args.eval_convention = conventions.resolve(args.convention, ckpts.layout)
-    conventions.check_layout(ckpts.layout, args.eval_convention, tasks)  # EMNIST: the fine-tune's own data
-    check_requirements(datasets)
-    ckpts.check(args.model)
+    planned = plan(args)
+    merge, tasks, datasets, ckpts = planned["merge"], planned["tasks"], planned["datasets"], planned["ckpts"]
+    request, results = planned["request"], planned["results"]
+    done = {"request": request, "checkpoints": planned["checkpoints"]}
     check_save_path(args, ckpts)  # never overwrite an input checkpoint
-    # the same request on other checkpoints (a rebuilt zoo, new downloads) is not done yet
-    done = {"request": request, "checkpoints": fingerprint(ckpts)}
-    if args.skip_existing and any(all(r.get(k) == v for k, v in done.items()) for r in utils.read_jsonl(results)):
+    if args.skip_existing and planned["done"]:
         print(f"skipping: {results} already has this run ({merge}{' + SVC' if args.calibrate else ''})", flush=True)
         return {"skipped": True, "request": request}
     print(ckpts.describe(), flush=True)
@@ -594,7 +608,8 @@ def finish(args, record: dict, accuracy: dict[str, float], times: dict[str, floa
     print("\n" + text, flush=True)
     folder = Path(args.logs) / args.model
     suffix = f"{record['merge']}{'_svc' if record.get('svc') else ''}"
-    utils.atomic_write_text(folder / f"log_{now:%Y%m%d_%H%M%S}_{suffix}.txt", text)
+    # never overwritten: runs finishing in the same second (run.sh, sweep workers) get _2, _3...
+    utils.write_new_text(folder / f"log_{now:%Y%m%d_%H%M%S}_{suffix}.txt", text)
     utils.append_jsonl(folder / "results.jsonl", record)
     return record
 

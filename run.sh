@@ -8,44 +8,36 @@
 #
 # Any other argument is passed to main.py. A run whose configuration is already in
 # logs/<model>/results.jsonl is skipped unless --force; a failed run does not stop the sweep.
+# The list of runs comes from src/sweep.py, which also sends the same sweep to Slurm.
 set -u
 cd "$(dirname "$0")"
 MODEL=ViT-B-32
 if [[ $# -gt 0 && $1 != --* ]]; then MODEL=$1; shift; fi
 PYTHON=${PYTHON:-python}
-METHODS=${METHODS:-"TA TIES DARE TSV-M Iso-C Iso-CTS STAR WA"}
-SKIP=--skip-existing
-TUNED=()
+SWEEP=(--model "$MODEL")
+if [[ -n ${METHODS:-} ]]; then SWEEP+=(--methods $METHODS); fi  # default: every method
 EXTRA=()
 for arg in "$@"; do
   case $arg in
-    --force) SKIP= ;;
-    --tuned) TUNED=(--scaling_coef auto) ;;
+    --force | --tuned) SWEEP+=("$arg") ;;
     *) EXTRA+=("$arg") ;;
   esac
 done
-LOGS=logs
-for ((i = 0; i < ${#EXTRA[@]}; i++)); do [[ ${EXTRA[i]} == --logs ]] && LOGS=${EXTRA[i+1]}; done
+
+# one "LABEL<tab>main.py arguments (shell-quoted)" line per run
+runs=$("$PYTHON" -m src.sweep "${SWEEP[@]}" --print-runs -- "${EXTRA[@]}") || exit 1
+mapfile -t RUNS <<< "$runs"
 
 failed=()
-attempt() {  # attempt LABEL ARGS...: run main.py, remember failures, keep going
-  local label=$1; shift
+for line in "${RUNS[@]}"; do  # run each, remember failures, keep going
+  label=${line%%$'\t'*}
+  eval "argv=(${line#*$'\t'})"
   echo "=== $MODEL $label"
-  if ! "$PYTHON" main.py --model "$MODEL" $SKIP "$@" "${EXTRA[@]}"; then failed+=("$label"); fi
-}
-
-attempt zeroshot --merge zeroshot
-attempt finetuned --merge finetuned
-for method in $METHODS; do
-  attempt "$method" --merge "$method" "${TUNED[@]}"
-  if [[ ${#TUNED[@]} -gt 0 ]]; then
-    attempt "$method+SVC" --merge "$method" --c --alpha auto "${TUNED[@]}"
-  else  # main.py's default alpha: 1/K, and 1.0 after TSV-M as the official sweep intends
-    attempt "$method+SVC" --merge "$method" --c
-  fi
+  if ! "$PYTHON" main.py "${argv[@]}"; then failed+=("$label"); fi
 done
 
-"$PYTHON" -m src.results "$LOGS/$MODEL" || failed+=("results table")
+# the table of the folder main.py wrote to (--logs DIR, --logs=DIR)
+"$PYTHON" -m src.sweep --model "$MODEL" --table -- "${EXTRA[@]}" || failed+=("results table")
 if [[ ${#failed[@]} -gt 0 ]]; then
   echo "FAILED (${#failed[@]}): ${failed[*]}" >&2
   exit 1

@@ -1,5 +1,6 @@
 """Small helpers shared by main.py and the scripts: seeding, threads, timing, and
-atomic writes of logs and results (an interrupted run never leaves half a line)."""
+safe writes of logs and results (an interrupted run never leaves half a line; concurrent
+runs never overwrite or lose each other's output)."""
 from __future__ import annotations
 
 import json
@@ -142,13 +143,13 @@ def update_json(path: str | os.PathLike, update: Callable[[Any], Any], default: 
     return value
 
 
-def read_jsonl(path: str | os.PathLike, warn: bool = True) -> list[dict[str, Any]]:
-    """Records of a JSONL file. A line that is not UTF-8 or not a JSON object is skipped, with a
-    warning naming file:line, so one damaged line never stops a table or a later run."""
+def iter_jsonl(path: str | os.PathLike, warn: bool = True) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of each usable line of a JSONL file. A line that is not UTF-8 or not a
+    JSON object is skipped, with a warning naming file:line, so one damaged line never stops a table
+    or a later run."""
     path = Path(path)
     if not path.exists():
-        return []
-    records = []
+        return
     for lineno, raw in enumerate(path.read_bytes().splitlines(), start=1):
         if not raw.strip():
             continue
@@ -160,7 +161,30 @@ def read_jsonl(path: str | os.PathLike, warn: bool = True) -> list[dict[str, Any
                 warnings.warn(f"{path}:{lineno}: skipped damaged line ({problem})", stacklevel=2)
             continue
         if isinstance(record, dict):
-            records.append(record)
+            yield lineno, record
         elif warn:
             warnings.warn(f"{path}:{lineno}: skipped line (not a JSON object)", stacklevel=2)
-    return records
+
+
+def read_jsonl(path: str | os.PathLike, warn: bool = True) -> list[dict[str, Any]]:
+    """Records of a JSONL file, damaged lines skipped with a file:line warning (see iter_jsonl)."""
+    return [record for _, record in iter_jsonl(path, warn)]
+
+
+def write_new_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to a file that did not exist: ``path`` itself, else ``<stem>_2<suffix>``,
+    ``<stem>_3<suffix>``... Creation is exclusive (O_EXCL), so runs finishing in the same second,
+    in several processes or on several machines sharing the folder, never overwrite each other's
+    file. Returns the path written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = path if n == 1 else path.with_name(f"{path.stem}_{n}{path.suffix}")
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return candidate
+    raise FileExistsError(f"{path} and 9,998 numbered variants exist; clean up {path.parent}")

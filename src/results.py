@@ -4,8 +4,8 @@
     python -m src.results logs/ViT-B-32/results.jsonl --format latex --out table.tex
 
 One row per configuration (merge method, with/without SVC, and whatever else differs:
-alpha, merge coefficient, method options, model, task set), one column per dataset,
-then the average absolute and the average normalised accuracy. Repeated runs of one
+alpha, merge coefficient, method options, model, task set, checkpoints, convention, evaluation
+data), one column per dataset, then the average absolute and the average normalised accuracy. Repeated runs of one
 configuration (e.g. several seeds) are shown as mean ± sample std, with their count n.
 The best value per column among the merged models is marked (bold; '*' in csv).
 Zero-shot and fine-tuned reference rows come first and are never marked.
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+import utils
 
 RESULTS_FILE = "results.jsonl"
 REFERENCE_LABELS = {"zeroshot": "Zero-shot", "finetuned": "Fine-tuned"}
@@ -62,17 +64,11 @@ def _row_problem(row: object) -> str | None:
 
 
 def load_results(path: str | Path) -> list[dict]:
-    """All usable rows; malformed lines are skipped with a warning naming file and line."""
+    """All usable rows; a damaged line (not UTF-8, not JSON, no accuracies) is skipped with a
+    warning naming file and line (utils.iter_jsonl, the reader main.py uses too)."""
     rows = []
     for file in results_files(path):
-        for lineno, line in enumerate(file.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                warnings.warn(f"{file}:{lineno}: skipped malformed line ({err.msg})")
-                continue
+        for lineno, row in utils.iter_jsonl(file):
             problem = _row_problem(row)
             if problem:
                 warnings.warn(f"{file}:{lineno}: skipped line ({problem})")
@@ -111,7 +107,9 @@ def config_of(row: dict) -> dict:
     config = {"model": row.get("model"), "layout": row.get("layout"), "tasks": tuple(sorted(tasks)), "merge": merge,
               # runs on different checkpoint files (e.g. a rebuilt demo zoo) are never averaged together,
               # unless the rows were pooled on purpose (see --pool-checkpoints)
-              "checkpoints": row.get("checkpoints")}
+              "checkpoints": row.get("checkpoints"),
+              # nor runs of different conventions, or evaluated on other data (source, split, size per task)
+              "convention": row.get("convention"), "data": row.get("data")}
     if merge in REFERENCE_LABELS:  # references have no coefficients or options
         return config
     svc = bool(row.get("svc", False))
@@ -136,6 +134,19 @@ def _fmt(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _data_label(data) -> str:
+    """Short description of a run's data provenance ({task: {source, split, n}}): its sources and
+    splits, and the number of evaluated examples."""
+    if not isinstance(data, dict) or not data:
+        return "data not logged"
+    entries = [v if isinstance(v, dict) else {} for v in data.values()]
+    sources = "+".join(sorted({str(e.get("source", "?")) for e in entries}))
+    splits = "+".join(sorted({str(e.get("split", "?")) for e in entries}))
+    counts = [e.get("n") for e in entries]
+    size = f", n={sum(counts)}" if all(isinstance(c, int) for c in counts) else ""
+    return f"data={sources}/{splits}{size}"
+
+
 def _label_parts(config: dict, differing: set[str]) -> list[str]:
     parts = []
     if "model" in differing:
@@ -144,6 +155,10 @@ def _label_parts(config: dict, differing: set[str]) -> list[str]:
         parts.append(f"{config['layout']} checkpoints")
     if "tasks" in differing:
         parts.append(f"{len(config['tasks'])} tasks")
+    if "convention" in differing:
+        parts.append(f"{config['convention']} convention" if config["convention"] else "convention not logged")
+    if "data" in differing:
+        parts.append(_data_label(config["data"]))
     if "scaling_coef" in differing:
         parts.append(f"coef={_fmt(config['scaling_coef'])}")
     if "alpha" in differing:
@@ -170,7 +185,7 @@ def label_configs(configs: list[dict]) -> list[str]:
                 c[f"options.{k}"] = json.dumps(v, sort_keys=True)
             flat.append(c)
         keys = set().union(*flat)
-        differing = {k for k in keys if len({json.dumps(f.get(k), default=str) for f in flat}) > 1}
+        differing = {k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1}
         for i in idx:
             parts = _label_parts(configs[i], differing)
             labels[i] = f"{base} ({', '.join(parts)})" if parts else base

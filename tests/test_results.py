@@ -130,3 +130,34 @@ def test_labels_name_svc_variants_and_checkpoint_layouts():
         "TA +SVC (task_vectors checkpoints, keys=all2d, row_space=False)",
         "TA +SVC (tsv checkpoints, keys=official, row_space=False)",
     ]
+
+
+def test_non_utf8_and_damaged_lines_are_named_not_a_traceback(tmp_path, capsys):
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(LINES[0].encode() + b"\n\xff\xfe latin-1 junk \xe9\n" + LINES[-1].encode() + b"\n{cut")
+    main([str(path)])
+    out, err = capsys.readouterr()
+    assert f"{path}:2: skipped damaged line (not UTF-8)" in err and f"{path}:4:" in err
+    assert "| TA |" in out and "| Fine-tuned |" in out
+
+
+def test_conventions_and_data_provenance_are_never_averaged_together():
+    test = {"MNIST": {"source": "torchvision", "split": "test", "n": 10000}}
+    val = {"MNIST": {"source": "torchvision", "split": "val", "n": 5000}}
+    rows = [json.loads(line) for line in (
+        _row("TA", {"MNIST": 70.0}, convention="official", data=test),
+        _row("TA", {"MNIST": 72.0}, convention="official", data=test),
+        _row("TA", {"MNIST": 60.0}, convention="fusionbench", data=test),
+        _row("TA", {"MNIST": 50.0}, convention="official", data=val),
+        _row("zeroshot", {"MNIST": 40.0}, convention="official", data=test),
+        _row("zeroshot", {"MNIST": 30.0}, convention="official", data=val),
+    )]
+    t = summarize(rows)
+    assert list(t.mean.index) == [
+        "Zero-shot (data=torchvision/test, n=10000)", "Zero-shot (data=torchvision/val, n=5000)",
+        "TA (official convention, data=torchvision/test, n=10000)",
+        "TA (fusionbench convention, data=torchvision/test, n=10000)",
+        "TA (official convention, data=torchvision/val, n=5000)",
+    ]
+    assert t.n.tolist() == [1, 1, 2, 1, 1]
+    assert t.mean.at["TA (official convention, data=torchvision/test, n=10000)", "MNIST"] == pytest.approx(71.0)

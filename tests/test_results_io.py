@@ -4,9 +4,12 @@ import json
 import multiprocessing as mp
 import os
 import stat
+from datetime import datetime
+from types import SimpleNamespace
 
 import pytest
 
+import main
 import utils
 
 
@@ -84,3 +87,33 @@ def test_a_corrupted_json_file_is_named(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="individual_accuracies.json"):
         utils.update_json(path, lambda c: c)
+
+
+class _SameSecond(datetime):
+    """Every process 'finishes' in the same second."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return cls(2026, 1, 2, 3, 4, 5)
+
+
+def _finish(logs, worker, _count):
+    args = SimpleNamespace(logs=str(logs), model="demo-micro", merge="TA")
+    main.finish(args, {"merge": "TA", "svc": True, "alpha": 0.5, "worker": worker}, {"Digits": float(worker)}, {})
+
+
+def test_runs_finishing_in_the_same_second_keep_their_own_text_logs(tmp_path, monkeypatch):
+    monkeypatch.setattr(main, "datetime", _SameSecond)  # inherited by the forked processes
+    _run(_finish, tmp_path / "logs", 6, 1)
+    folder = tmp_path / "logs" / "demo-micro"
+    logs = sorted(folder.glob("log_20260102_030405_TA_svc*.txt"))
+    assert len(logs) == 6  # log_..._TA_svc.txt, then _2 ... _6
+    assert sorted(p.read_text().split("Digits: ")[1].split("%")[0] for p in logs) == [f"{w:.2f}" for w in range(6)]
+    assert sorted(r["worker"] for r in utils.read_jsonl(folder / "results.jsonl")) == list(range(6))
+
+
+def test_write_new_text_never_overwrites(tmp_path):
+    first = utils.write_new_text(tmp_path / "log.txt", "one")
+    second = utils.write_new_text(tmp_path / "log.txt", "two")
+    assert (first.name, second.name) == ("log.txt", "log_2.txt")
+    assert first.read_text() == "one" and second.read_text() == "two"

@@ -1,0 +1,382 @@
+"""One sweep, two ways to run it. The sweep is the list of main.py runs behind a results table:
+the zero-shot and fine-tuned references, then every method without and with SVC. `bash run.sh`
+runs it on one machine, one run after the other; this launcher hands the same runs to Slurm as a
+submitit job array, or to local worker processes.
+
+    python -m src.sweep --model ViT-B-32 --launcher slurm --partition gpu --time 120 -- --tasks 14
+    python -m src.sweep --model ViT-B-32 --launcher slurm --dry-run       # what would be submitted
+    python -m src.sweep --model demo-micro --launcher local --workers 2
+
+Everything after `--` goes to every main.py run. A run already in <logs>/<model>/results.jsonl
+(same request, same checkpoint files: main.plan, as --skip-existing decides) is not submitted
+again, so running the command again resubmits only what is missing or failed. Jobs append to
+results.jsonl under a file lock (utils.append_jsonl), which also holds across machines sharing
+the file system. submitit is optional: only --launcher slurm needs it (pip install submitit).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import utils
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = ROOT / "main.py"
+METHODS = ("TA", "TIES", "DARE", "TSV-M", "Iso-C", "Iso-CTS", "STAR", "WA")  # run.sh's default METHODS
+ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}  # Slurm states
+
+
+@dataclass(frozen=True)
+class Run:
+    label: str  # as run.sh echoes it: zeroshot, finetuned, TA, TA+SVC, ...
+    argv: tuple[str, ...]  # main.py's arguments
+    key: str = field(default="", compare=False)  # request + checkpoint fingerprint, once planned
+
+
+def sweep_runs(model: str, methods: list[str] | tuple[str, ...] = METHODS, tuned: bool = False,
+               force: bool = False, extra: list[str] | tuple[str, ...] = ()) -> list[Run]:
+    """The runs of one sweep, in run.sh's order: the references, then each method without and
+    with SVC. `tuned` picks coefficients (and SVC's alpha) on the <Task>Val splits; `force` drops
+    --skip-existing; `extra` (main.py flags) comes last, so it overrides."""
+    head = ["--model", model] + ([] if force else ["--skip-existing"])
+    tune = ["--scaling_coef", "auto"] if tuned else []
+    runs = [("zeroshot", ["--merge", "zeroshot"]), ("finetuned", ["--merge", "finetuned"])]
+    for method in methods:
+        runs.append((method, ["--merge", method, *tune]))
+        # without --alpha, main.py's default: 1/K, and 1.0 after TSV-M as the official sweep intends
+        runs.append((f"{method}+SVC", ["--merge", method, "--c", *(["--alpha", "auto"] if tuned else []), *tune]))
+    return [Run(label, tuple(head + args + list(extra))) for label, args in runs]
+
+
+# ----------------------------------------------------------------------------- jobs
+def run_job(argvs: list[list[str]], cwd: str, log: str | None = None) -> int:
+    """One job: main.py runs, each in its own process, one after the other; a failed run does not
+    stop the others. Output goes to `log` (appended) or to this process's stdout (Slurm's log).
+    Raises RuntimeError naming the failed runs, so the scheduler marks the job failed.
+    Plain strings in, an int out: pickles cleanly for submitit."""
+    failed = []
+    with open(log, "a") if log else contextlib.nullcontext() as out:
+        for argv in argvs:
+            print(f"=== python main.py {shlex.join(argv)}", file=out, flush=True)
+            code = subprocess.run([sys.executable, str(MAIN), *argv], cwd=cwd, stdout=out,
+                                  stderr=subprocess.STDOUT if out else None).returncode
+            if code:
+                failed.append(f"{shlex.join(argv)} (exit {code})")
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(argvs)} runs failed: " + "; ".join(failed))
+    return len(argvs)
+
+
+@dataclass
+class Outcome:
+    name: str  # the labels of the job's runs
+    log: str  # where its output is
+    error: str | None = None  # None: every run of the job succeeded
+
+
+def launch_local(groups: list[list[Run]], folder: Path, workers: int) -> list[Outcome]:
+    """Each job as local processes, `workers` jobs at a time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    outcomes = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {}
+        for i, group in enumerate(groups):
+            name = ",".join(r.label for r in group)
+            log = folder / f"job{i:03d}_{name.replace(',', '_')}.log"
+            futures[pool.submit(run_job, [list(r.argv) for r in group], os.getcwd(), str(log))] = Outcome(name, str(log))
+        for future in as_completed(futures):
+            outcome = futures[future]
+            if future.exception():
+                outcome.error = str(future.exception())
+            print(f"{'FAILED' if outcome.error else 'done'}: {outcome.name} (log {outcome.log})", flush=True)
+            outcomes.append(outcome)
+    return outcomes
+
+
+def slurm_parameters(args: argparse.Namespace, model: str) -> dict:
+    """submitit.SlurmExecutor parameters (sbatch flags) from the command line."""
+    params = {"job_name": f"svc-sweep-{model}", "time": args.time}
+    optional = {"partition": args.partition, "account": args.account, "qos": args.qos,
+                "constraint": args.constraint, "mem": args.mem, "cpus_per_task": args.cpus_per_task,
+                "gpus_per_node": args.gpus_per_node, "array_parallelism": args.workers,
+                "setup": args.setup or None}
+    params.update({k: v for k, v in optional.items() if v is not None})
+    extra = {}
+    for item in args.slurm_param or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --slurm-param {item!r}: expected KEY=VALUE, e.g. mail-type=END")
+        extra[key.lstrip("-")] = value
+    if extra:
+        params["additional_parameters"] = extra
+    return params
+
+
+def slurm_executor(folder: Path, params: dict):
+    """A submitit SlurmExecutor with `params`; a clear message without submitit or Slurm."""
+    try:
+        import submitit
+    except ImportError:
+        raise SystemExit("error: --launcher slurm needs submitit: pip install submitit") from None
+    try:
+        executor = submitit.SlurmExecutor(folder=str(folder / "%j"))
+    except RuntimeError as err:  # no srun on PATH
+        raise SystemExit(f"error: {err} Run the launcher on a Slurm login node, or use --launcher local.") from None
+    executor.update_parameters(**params)  # a wrong parameter name raises ValueError here, before submitting
+    return executor
+
+
+def _reason(err: Exception) -> str:
+    """One line out of submitit's error: the job's own exception (the last 'XxxError: ...' line of
+    the remote traceback), else the first line (e.g. a timeout or a cancelled job)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception): ", line)]
+    return raised[-1] if raised else lines[0]
+
+
+def launch_slurm(groups: list[list[Run]], executor, folder: Path, wait: bool) -> list[Outcome]:
+    """One submitit job array, one job per group; waits for the jobs unless `wait` is False."""
+    with executor.batch():
+        jobs = [executor.submit(run_job, [list(r.argv) for r in group], os.getcwd()) for group in groups]
+    names = [",".join(r.label for r in group) for group in groups]
+    for job, name, group in zip(jobs, names, groups):
+        print(f"submitted {job.job_id}: {name} (log {job.paths.stdout})", flush=True)
+        utils.append_jsonl(folder / SUBMITTED, {"job_id": job.job_id, "runs": [r.key for r in group]})
+    if not wait:
+        print("not waiting (--no-wait): run the same command again to see the table and resubmit what failed; "
+              "runs still pending or running are not submitted twice", flush=True)
+        return []
+    outcomes = []
+    try:
+        for job, name in zip(jobs, names):
+            outcome = Outcome(name, str(job.paths.stdout))
+            try:
+                job.result()
+            except Exception as err:  # the job's own error (RuntimeError above), a timeout, a cancelled job
+                outcome.error = _reason(err)
+                outcome.log = f"{job.paths.stdout} and {job.paths.stderr}"
+            print(f"{'FAILED' if outcome.error else 'done'}: {name} (log {outcome.log})", flush=True)
+            outcomes.append(outcome)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: the jobs keep running on the cluster; the same command run again "
+                         "submits only what is neither done nor still pending or running") from None
+    return outcomes
+
+
+# ----------------------------------------------------------------------------- planning
+SUBMITTED = "submitted.jsonl"  # in the jobs folder: which Slurm job holds which runs
+
+
+def job_state(folder: Path, job_id: str) -> str:
+    """Slurm state of a job submitted from `folder` (PENDING, RUNNING, COMPLETED, ...), via sacct."""
+    import submitit
+
+    return submitit.SlurmJob(folder=str(folder / "%j"), job_id=job_id).state
+
+
+def in_flight(folder: Path, keys: set[str]) -> dict[str, str]:
+    """run key -> Slurm job id, for those of `keys` whose job, submitted earlier (e.g. with
+    --no-wait), is still pending or running: submitting them again would run them twice."""
+    records = [r for r in utils.read_jsonl(folder / SUBMITTED) if keys & set(r.get("runs", []))]
+    if not records:
+        return {}
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        return {}
+    busy = {}
+    for record in records:
+        job_id = str(record.get("job_id"))
+        state = job_state(folder, job_id).upper().split() or ["UNKNOWN"]  # e.g. "CANCELLED by 123"
+        if state[0] in ACTIVE:
+            busy.update({k: job_id for k in record.get("runs", [])})
+    return busy
+
+
+def logs_dir(model: str, extra: list[str]) -> Path:
+    """<logs>/<model> as main.py will see it (--logs DIR, --logs=DIR, abbreviations)."""
+    import main
+
+    return Path(main.build_parser().parse_known_args(["--model", model, *extra])[0].logs) / model
+
+
+def pending(runs: list[Run], force: bool) -> tuple[list[Run], list[Run]]:
+    """(runs to submit, runs already in results.jsonl), each with its key. Each run is planned by
+    main.plan without loading weights; a bad flag or missing checkpoints stops here, before
+    anything is submitted. Runs that resolve to the same request are submitted once."""
+    import clip
+    import main
+
+    todo, done, seen = [], [], set()
+    for run in runs:
+        try:
+            args = main.build_parser().parse_args(list(run.argv))
+        except SystemExit:  # argparse printed the bad flag
+            raise SystemExit(f"error: main.py refuses the flags of run {run.label}: {shlex.join(run.argv)}") from None
+        if args.rebuild:
+            raise SystemExit("error: --rebuild would rebuild the demo zoo in every job; rebuild it once first: "
+                             f"python -m src.demo.zoo --model {args.model}")
+        try:
+            planned = main.plan(args)
+        except (clip.CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            raise SystemExit(f"error: {run.label}: {message}") from None
+        key = json.dumps({"request": planned["request"], "checkpoints": planned["checkpoints"]}, sort_keys=True,
+                         default=str)
+        if planned["done"] and not force:
+            done.append(replace(run, key=key))
+        elif key not in seen:
+            todo.append(replace(run, key=key))
+        seen.add(key)
+    return todo, done
+
+
+def ensure_demo_zoo(model: str, extra: list[str]) -> None:
+    """Demo models: build the checkpoint zoo once here, not in every concurrent job."""
+    if model.startswith("demo"):
+        import main
+        from src.demo.zoo import ensure_zoo
+
+        base_dir = main.build_parser().parse_known_args(["--model", model, *extra])[0].base_dir
+        ensure_zoo(model, os.path.join(base_dir, "checkpoints"))
+
+
+def print_table(folder: Path) -> bool:
+    """The results table of `folder` (as run.sh prints it); False if there is none."""
+    from src import results
+
+    try:
+        results.main([str(folder)])
+    except SystemExit as err:
+        return not err.code
+    return True
+
+
+# ----------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m src.sweep", description=__doc__.split("\n\n")[0],
+                                epilog="Flags after -- go to every main.py run (e.g. -- --tasks 14 --threads 4).")
+    p.add_argument("--model", required=True, help="ViT-B-32, ViT-B-16, ViT-L-14, demo, demo-micro")
+    p.add_argument("--tasks", help="task set, passed to main.py (8 | 14 | 20 | A,B,C)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"default: {' '.join(METHODS)}")
+    p.add_argument("--tuned", action="store_true", help="coefficients (and SVC's alpha) chosen on <Task>Val")
+    p.add_argument("--force", action="store_true", help="run again what results.jsonl already holds")
+    p.add_argument("--logs", help="log folder, passed to main.py (default: main.py's, logs)")
+    p.add_argument("--launcher", choices=["local", "slurm"], help="local processes or a Slurm job array")
+    p.add_argument("--workers", type=int, default=None,
+                   help="jobs at a time: local processes (default 1), or the Slurm array's parallelism (default: no limit)")
+    p.add_argument("--runs-per-job", type=int, default=1, help="main.py runs per job, one after the other (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be submitted, submit nothing")
+    p.add_argument("--folder", help="job logs (and submitit's files): default <logs>/<model>/sweep")
+    p.add_argument("--no-table", action="store_true", help="do not print the results table at the end")
+    p.add_argument("--table", action="store_true", help="only print the results table of the sweep's logs")
+    p.add_argument("--print-runs", action="store_true",
+                   help="only print the runs, one 'LABEL<tab>main.py arguments (shell-quoted)' line each (run.sh)")
+    slurm = p.add_argument_group("Slurm (sbatch) options")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--account")
+    slurm.add_argument("--qos")
+    slurm.add_argument("--constraint")
+    slurm.add_argument("--mem", help="memory per node, e.g. 32G")
+    slurm.add_argument("--cpus-per-task", type=int, default=None)
+    slurm.add_argument("--gpus-per-node", type=int, default=1, help="default 1")
+    slurm.add_argument("--time", type=int, default=120, help="minutes per job (default 120)")
+    slurm.add_argument("--slurm-param", action="append", metavar="KEY=VALUE",
+                       help="any other sbatch flag, repeatable (e.g. mail-type=END, exclude=node12)")
+    slurm.add_argument("--setup", action="append", metavar="CMD",
+                       help="shell line run before the job, repeatable (e.g. 'module load cuda')")
+    slurm.add_argument("--no-wait", action="store_true", help="submit and exit, without waiting for the jobs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    parser = build_parser()
+    args, extra = parser.parse_args(argv[:cut]), argv[cut + 1:]
+    extra = [*(["--tasks", args.tasks] if args.tasks else []), *(["--logs", args.logs] if args.logs else []), *extra]
+    runs = sweep_runs(args.model, args.methods, args.tuned, args.force, extra)
+    if args.print_runs:
+        for run in runs:
+            print(f"{run.label}\t{shlex.join(run.argv)}")
+        return 0
+    folder = logs_dir(args.model, extra)
+    if args.table:
+        return 0 if print_table(folder) else 1
+    if not args.launcher:
+        parser.error("--launcher local or --launcher slurm is required (or --print-runs / --table)")
+    if args.runs_per_job < 1 or (args.workers is not None and args.workers < 1):
+        parser.error("--runs-per-job and --workers must be at least 1")
+    params = slurm_parameters(args, args.model) if args.launcher == "slurm" else {}
+    jobs = Path(args.folder) if args.folder else folder / "sweep"
+    # no submitit, no Slurm, a wrong sbatch parameter: said before any work
+    executor = slurm_executor(jobs, params) if args.launcher == "slurm" and not args.dry_run else None
+
+    ensure_demo_zoo(args.model, extra)
+    with warnings.catch_warnings(record=True) as caught:  # a damaged results line: say it once, not per run
+        warnings.simplefilter("always")
+        todo, done = pending(runs, args.force)
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        print(f"warning: {message}", file=sys.stderr)
+    busy = in_flight(jobs, {run.key for run in todo})
+    for run in todo:
+        if run.key in busy:
+            print(f"not submitted: {run.label} is in Slurm job {busy[run.key]}, still pending or running", flush=True)
+    todo = [run for run in todo if run.key not in busy]
+    print(f"{len(runs)} runs: {len(done)} already in {folder / 'results.jsonl'}, "
+          f"{len(runs) - len(done) - len(todo)} in flight or duplicates, {len(todo)} to run", flush=True)
+    groups = [todo[i:i + args.runs_per_job] for i in range(0, len(todo), args.runs_per_job)]
+    if args.dry_run:
+        for i, group in enumerate(groups):
+            for run in group:
+                print(f"job {i}: python main.py {shlex.join(run.argv)}")
+        if args.launcher == "slurm" and groups:
+            print(sbatch_preview(jobs, params, len(groups)))
+        return 0
+    outcomes = []
+    if groups:
+        start = time.time()
+        if args.launcher == "local":
+            outcomes = launch_local(groups, jobs / f"local_{time.strftime('%Y%m%d_%H%M%S')}_{os.getpid()}",
+                                    args.workers or 1)
+        else:
+            outcomes = launch_slurm(groups, executor, jobs, wait=not args.no_wait)
+            if args.no_wait:
+                return 0
+        print(f"{len(groups)} jobs finished in {time.time() - start:.0f} s", flush=True)
+    failed = [o for o in outcomes if o.error]
+    table_ok = True if args.no_table else print_table(folder)
+    if failed:
+        print(f"FAILED ({len(failed)} jobs); run the same command again to resubmit only what is missing:",
+              file=sys.stderr)
+        for o in failed:
+            print(f"  {o.name}: {o.error}\n    log: {o.log}", file=sys.stderr)
+    return 1 if failed or not table_ok else 0
+
+
+def sbatch_preview(folder: Path, params: dict, jobs: int) -> str:
+    """The sbatch script submitit would write for the array (without submitting anything)."""
+    try:
+        from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor writes; private, hence guarded
+    except ImportError:
+        return f"sbatch parameters: {params} (pip install submitit to submit them)"
+    return _make_sbatch_string(command="python -u -m submitit.core._submit ...", folder=str(folder / "%j"),
+                               map_count=jobs, **params)
+
+
+if __name__ == "__main__":
+    # through the importable module: submitit then pickles src.sweep.run_job by reference, not __main__'s by value
+    from src import sweep
+
+    sys.exit(sweep.main())
