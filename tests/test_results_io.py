@@ -99,7 +99,8 @@ class _SameSecond(datetime):
 
 def _finish(logs, worker, _count):
     args = SimpleNamespace(logs=str(logs), model="demo-micro", merge="TA")
-    main.finish(args, {"merge": "TA", "svc": True, "alpha": 0.5, "worker": worker}, {"Digits": float(worker)}, {})
+    record = {"merge": "TA", "svc": True, "alpha": 0.5, "worker": worker, "checkpoints": "c", "data": {}}
+    main.finish(args, record, {"Digits": float(worker)}, {})
 
 
 def test_runs_finishing_in_the_same_second_keep_their_own_text_logs(tmp_path, monkeypatch):
