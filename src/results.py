@@ -235,13 +235,16 @@ def _normalized(row: dict, finetuned: dict[str, float]) -> float:
 
 def row_scores(rows: list[dict]) -> list[dict[str, float]]:
     """Per run: {Avg: mean accuracy, Avg (norm.): normalised accuracy}. Runs that did not
-    log `normalized` are normalised by the mean fine-tuned accuracy of the same model
-    found in `rows` (NaN when a dataset has no fine-tuned row)."""
+    log `normalized` are normalised by the mean fine-tuned accuracy of the same model, checkpoint
+    files and data (source, split, convention) found in `rows` (NaN when a dataset has none)."""
+    def same(r: dict, t: str) -> tuple:  # fine-tuned rows of other checkpoints or data never normalise a run
+        return r.get("model"), r.get("checkpoints"), t, json.dumps((r.get("data") or {}).get(t), sort_keys=True)
+
     ft: dict[tuple, list[float]] = {}
     for r in rows:
         if r["merge"] == "finetuned":
             for t, a in r["accuracy"].items():
-                ft.setdefault((r.get("model"), t), []).append(float(a))
+                ft.setdefault(same(r, t), []).append(float(a))
     ft_mean = {k: sum(v) / len(v) for k, v in ft.items()}
     scores = []
     for r in rows:
@@ -251,7 +254,7 @@ def row_scores(rows: list[dict]) -> list[dict[str, float]]:
         if isinstance(logged, (int, float)) and abs(logged - avg) > 5e-3:
             warnings.warn(f"{r['merge']} run of {r.get('time', '?')}: logged avg {logged} != mean of its "
                           f"accuracies {avg:.4f}; using the latter")
-        finetuned = {t: v for (m, t), v in ft_mean.items() if m == r.get("model")}
+        finetuned = {t: ft_mean[same(r, t)] for t in acc if same(r, t) in ft_mean}
         norm = _normalized(r, finetuned)
         if 0 < norm <= 1.5 and avg > 1.5:
             warnings.warn(f"{r['merge']} run of {r.get('time', '?')}: normalized accuracy {norm:.4f} looks like a "

@@ -161,3 +161,22 @@ def test_conventions_and_data_provenance_are_never_averaged_together():
     ]
     assert t.n.tolist() == [1, 1, 2, 1, 1]
     assert t.mean.at["TA (official convention, data=torchvision/test, n=10000)", "MNIST"] == pytest.approx(71.0)
+
+
+def test_normalisation_fallback_uses_fine_tuned_rows_of_the_same_checkpoints_and_data():
+    """A row without a logged `normalized` is normalised by the fine-tuned row of its own checkpoint files
+    and data, never by an average over other checkpoints (a rebuilt zoo) or other data."""
+    data = {"MNIST": {"source": "/d/MNIST", "split": "test", "n": 10000}}
+    rows = [json.loads(line) for line in (
+        _row("finetuned", {"MNIST": 50.0}, checkpoints="old", data=data),
+        _row("finetuned", {"MNIST": 80.0}, checkpoints="new", data=data),
+        _row("finetuned", {"MNIST": 20.0}, checkpoints="new",
+             data={"MNIST": {"source": "/other/MNIST", "split": "test", "n": 100}}),
+        _row("TA", {"MNIST": 40.0}, checkpoints="new", data=data),
+        _row("TA", {"MNIST": 40.0}, checkpoints="gone", data=data),
+    )]
+    table = summarize(rows)
+    merged = [label for label in table.mean.index if label not in table.reference]
+    values = table.mean.loc[merged, NORM]
+    assert sorted(v for v in values if not math.isnan(v)) == [pytest.approx(50.0)]  # 40/80, not 40/mean(50,80,20)
+    assert int(values.isna().sum()) == 1  # no fine-tuned row of its checkpoints: unknown, not borrowed
