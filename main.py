@@ -25,10 +25,13 @@ import clip
 import merge_func
 import utils
 from clip.factory import load_into
+from clip.hub import hub_checkpoints
 from clip.layout import LAYOUTS
 from src import tuning
+from src.datasets.hf_sets import HUB_LOCATION
 from src.datasets.registry import NAMED_SETS, resolve_tasks
 from src.eval import evaluate_tasks, pick_device
+from src.input_cache import MODES as INPUT_CACHE_MODES, InputCache
 from src.svc import check_alpha, default_alpha, svc
 from src.task_vectors import TaskVector
 
@@ -102,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
             kind = _str2bool if isinstance(default, bool) else type(default) if default is not None else float
             methods.add_argument(f"--{option}", type=kind, default=None,
                                  help=f"{name} (default {default if default is not None else '1/K'})")
+    hub = p.add_argument_group("Hugging Face hub and evaluation speed (hub: pip install -r requirements-hf.txt)")
+    hub.add_argument("--source", choices=("local", "hf"), default="local",
+                     help="checkpoints: local files under --base_dir, or FusionBench's from the Hugging Face hub "
+                          "(openai/clip-vit-*, tanganke/clip-vit-*_<task>): the hub cache only, fetched with --download")
+    hub.add_argument("--data-source", "--data_source", choices=("local", "hf"), default="local",
+                     help="datasets: folders under --data-location, or FusionBench's Hugging Face datasets from the "
+                          "hub cache (fetched with --download)")
+    hub.add_argument("--input-cache", choices=INPUT_CACHE_MODES, default="auto",
+                     help="keep decoded, resized inputs in memory-mapped files: auto = the <Task>Val splits "
+                          "(read 20-30 times by --scaling_coef/--alpha auto), all = every split, off = never")
+    hub.add_argument("--input-cache-dir", default=None, help="where (default <base_dir>/cache/inputs)")
     return p
 
 
@@ -132,7 +146,11 @@ def load_heads(args, ckpts, tasks: list[str]) -> dict:
         from src.heads import get_classification_head
 
         print(f"building zero-shot heads for {missing} from {args.model}'s text tower", flush=True)
-        text_model = open_clip.create_model(args.model, pretrained="openai")
+        text_model = None
+        if ckpts.layout == "hf":  # a Hugging Face CLIPModel zero-shot folder has the text tower: no download
+            from clip.hub import text_model_from_hf
+            text_model = text_model_from_hf(args.model, ckpts.zeroshot)
+        text_model = text_model or open_clip.create_model(args.model, pretrained="openai")
         for base in missing:
             heads[base] = get_classification_head(args.model, base, ckpts.root, args.data_location, clip_model=text_model)
     return heads
@@ -174,7 +192,7 @@ def evaluate(args, encoder, heads, datasets: list[str]) -> dict[str, float]:
     return evaluate_tasks(encoder, datasets, heads, encoder.val_preprocess, args.data_location, device=args.device_obj,
                           batch_size=args.batch_size, num_workers=args.num_workers,
                           progress=False if args.no_progress else None, amp=args.amp, seed=args.seed,
-                          download=args.download)
+                          download=args.download, input_cache=getattr(args, "inputs", None))
 
 
 def individual_for(args, ckpts, encoder, heads, datasets, zeroshot_sd) -> dict[str, float] | None:
@@ -217,9 +235,12 @@ def run(args) -> dict:
     utils.seed_everything(args.seed)
     args.device_obj = pick_device(args.device)
     args.data_location = args.data_location or os.path.join(args.base_dir, "data")
+    if args.data_source == "hf":  # the registry's builders read FusionBench's hub datasets (src/datasets/hf_sets.py)
+        args.data_location = HUB_LOCATION
+    args.inputs = InputCache(args.input_cache_dir or os.path.join(args.base_dir, "cache", "inputs"), args.input_cache)
     times: dict[str, float] = {}
 
-    if args.model.startswith("demo"):  # the offline benchmark builds its own checkpoints on first use
+    if args.model.startswith("demo") and args.source == "local":  # the offline benchmark builds its own zoo
         from src.demo.zoo import ensure_zoo
 
         with utils.timer(times, "zoo_seconds"):
@@ -230,8 +251,15 @@ def run(args) -> dict:
     tasks = resolve_tasks(args.tasks or default_tasks(args.model))
     datasets = resolve_tasks(args.eval_datasets) if args.eval_datasets else tasks
     request = requested(args, merge, tasks, datasets)
+    if args.source != "local" or args.data_source != "local":
+        request.update(source=args.source, data_source=args.data_source)
     results = Path(args.logs) / args.model / "results.jsonl"
-    ckpts = clip.find_checkpoints(args.model, args.base_dir, tasks, layout=args.checkpoint_layout)
+    if args.source == "hf":  # FusionBench's checkpoints from the Hugging Face hub cache (clip/hub.py): layout hf
+        if args.checkpoint_layout not in (None, "hf"):
+            raise ValueError(f"--source hf gives the 'hf' checkpoint layout, not {args.checkpoint_layout!r}")
+        ckpts = hub_checkpoints(args.model, tasks, args.base_dir, download=args.download)
+    else:
+        ckpts = clip.find_checkpoints(args.model, args.base_dir, tasks, layout=args.checkpoint_layout)
     ckpts.check(args.model)
     # the same request on other checkpoints (a rebuilt zoo, new downloads) is not done yet
     done = {"request": request, "checkpoints": fingerprint(ckpts)}
@@ -246,7 +274,7 @@ def run(args) -> dict:
         heads = load_heads(args, ckpts, datasets)
     record: dict = {"model": args.model, "merge": merge, "svc": False, "alpha": None, "scaling_coef": None,
                     "tasks": tasks, "layout": ckpts.layout, "seed": args.seed, "threads": threads,
-                    "device": str(args.device_obj), **done}
+                    "device": str(args.device_obj), "source": args.source, "data_source": args.data_source, **done}
 
     if merge == "finetuned":
         with utils.timer(times, "eval_seconds"):

@@ -295,6 +295,9 @@ class InputCache:
         self.folder, self.mode = Path(folder), mode
         self._open: dict[tuple, tuple[str, np.ndarray, np.ndarray]] = {}
 
+    def __repr__(self) -> str:
+        return f"InputCache({str(self.folder)!r}, {self.mode!r})"
+
     def plan(self, preprocess) -> SplitTransform | None:
         return None if self.mode == "off" else split_transform(preprocess)
 

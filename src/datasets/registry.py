@@ -128,6 +128,9 @@ def split_train_val(train: Dataset, name: str = "") -> tuple[Subset, Subset]:
 
 
 def _call_build(spec: DatasetSpec, split: str, preprocess, location: str, download: bool) -> Dataset:
+    if str(location).startswith("hf://"):  # --data-source hf: FusionBench's hub datasets (hf_sets.py)
+        from src.datasets.hf_sets import build_from_hub
+        return build_from_hub(spec, split, preprocess, download)
     if not download:
         return spec.build(split, preprocess, location)
     if "download" not in inspect.signature(spec.build).parameters:
