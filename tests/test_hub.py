@@ -92,6 +92,12 @@ def fake_hub(tmp_path_factory):
     for split, n in (("train", 200), ("test", 12)):
         write_split(mnist / "mnist" / f"{split}-00000-of-00001.parquet", n, 10, seed=len(split), gray=True)
         write_split(eurosat / "data" / f"{split}-00000-of-00001.parquet", n, 10, seed=len(split) + 7, gray=False)
+    sst2 = snapshot_dir(cache, "dataset", "nateraw/rendered-sst2")  # an image-folder layout: <split>/<class>/*.png
+    from PIL import Image
+    for i in range(6):
+        path = sst2 / "test" / ("negative", "positive")[i % 2] / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (40, 20), 40 * i).save(path)
     return home
 
 
@@ -150,6 +156,8 @@ def test_missing_hub_dataset_or_split_is_a_clear_error(offline, tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"no 'validation' split files of dataset ylecun/mnist.*--download"):
         hf_sets.load_hub_split("MNIST", hf_sets.HubSet("ylecun/mnist", test="validation"), "test", None)
     assert len(hf_sets.load_hub_split("MNIST", hub_set, "test", None)) == 12
+    with pytest.warns(UserWarning, match="ylecun/mnist has 10 classes but the task's class names list 26"):
+        hf_sets.load_hub_split("MNIST", hub_set, "test", None, n_classes=26)  # e.g. EMNIST digits vs letters
 
 
 def test_hub_datasets_load_offline_with_our_val_rule(offline):
@@ -158,6 +166,8 @@ def test_hub_datasets_load_offline_with_our_val_rule(offline):
     image, label = test.dataset[0]
     assert image.mode == "RGB" and image.size == (32, 32) and isinstance(label, int)
     assert test.dataset.cache_fingerprint()["files"] == ["mnist/test-00000-of-00001.parquet"]
+    sst2 = get_dataset("RenderedSST2", None, hf_sets.HUB_LOCATION, num_workers=0).dataset
+    assert [sst2[i][1] for i in range(len(sst2))] == [0, 0, 0, 1, 1, 1] and sst2[0][0].mode == "RGB"  # folder order
     val = get_dataset("EuroSATVal", None, hf_sets.HUB_LOCATION, num_workers=0)  # a val folder locally: cut here
     assert val.name == "EuroSATVal" and len(val.dataset) == 20  # 10 % of the 200 train rows, seed 0
     from src.datasets.registry import split_train_val

@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 from src.datasets.registry import DatasetNotFoundError, DatasetSpec, split_train_val
 
 HUB_LOCATION = "hf://"  # --data-location value that routes the registry's builders here
-DATA_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}
+DATA_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset",  # the datasets builder per file type
+                **{ext: "imagefolder" for ext in (".png", ".jpg", ".jpeg")}}  # <split>/<class>/<image>
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def _patterns(hub: HubSet, split: str) -> list[str]:
 
 
 def split_files(folder: Path, hub: HubSet, split: str) -> list[Path]:
-    """Data files of one split in a snapshot: `[<config>/]**/<split>-*.<ext>` or `**/<split>/*.<ext>`."""
+    """Data files of one split in a snapshot: `[<config>/]**/<split>-*.<ext>` or `**/<split>/**/*.<ext>`."""
     base = folder / hub.config if hub.config else folder
     if not base.is_dir():
         return []
