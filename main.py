@@ -28,7 +28,7 @@ from clip.factory import load_into
 from clip.hub import hub_checkpoints
 from clip.layout import LAYOUTS
 from src import tuning
-from src.datasets.hf_sets import HUB_LOCATION
+from src.datasets.hf_sets import HUB_LOCATION, ensure_hub_splits
 from src.datasets.registry import NAMED_SETS, resolve_tasks
 from src.eval import evaluate_tasks, pick_device
 from src.input_cache import MODES as INPUT_CACHE_MODES, InputCache
@@ -260,6 +260,9 @@ def run(args) -> dict:
         ckpts = hub_checkpoints(args.model, tasks, args.base_dir, download=args.download)
     else:
         ckpts = clip.find_checkpoints(args.model, args.base_dir, tasks, layout=args.checkpoint_layout)
+    if args.data_source == "hf":  # every hub split this run reads is cached (or fetched) before any work
+        tuned = merge not in ("zeroshot", "finetuned") and "auto" in (args.scaling_coef, args.alpha)
+        ensure_hub_splits(datasets + ([f"{t}Val" for t in tasks] if tuned else []), download=args.download)
     ckpts.check(args.model)
     # the same request on other checkpoints (a rebuilt zoo, new downloads) is not done yet
     done = {"request": request, "checkpoints": fingerprint(ckpts)}

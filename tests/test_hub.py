@@ -149,7 +149,7 @@ def test_missing_hub_checkpoints_name_the_repo_and_the_flag(offline, tmp_path):
                    "--logs", str(tmp_path / "logs"), "--no-progress"])
 
 
-def test_missing_hub_dataset_or_split_is_a_clear_error(offline, tmp_path):
+def test_missing_hub_dataset_or_split_is_a_clear_error(offline, tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError, match=r"tanganke/dtd.*--download.*hf download tanganke/dtd --repo-type dataset"):
         get_dataset("DTD", None, hf_sets.HUB_LOCATION, num_workers=0)
     hub_set = hf_sets.HubSet("ylecun/mnist")
@@ -158,6 +158,17 @@ def test_missing_hub_dataset_or_split_is_a_clear_error(offline, tmp_path):
     assert len(hf_sets.load_hub_split("MNIST", hub_set, "test", None)) == 12
     with pytest.warns(UserWarning, match="ylecun/mnist has 10 classes but the task's class names list 26"):
         hf_sets.load_hub_split("MNIST", hub_set, "test", None, n_classes=26)  # e.g. EMNIST digits vs letters
+    # main checks every split it will read before any work, and lists all that are missing
+    hf_sets.ensure_hub_splits(["MNIST", "MNISTVal", "EuroSAT"])
+    with pytest.raises(DatasetNotFoundError, match=r"1 hub dataset splits are missing:\n  dataset tanganke/dtd"):
+        hf_sets.ensure_hub_splits(["MNIST", "MNISTVal", "DTDVal"])
+    with pytest.raises(SystemExit, match=r"(?s)missing.*tanganke/dtd.*--download"):
+        main.main(["--model", "demo-micro", "--tasks", "MNIST,EuroSAT", "--eval-datasets", "MNIST,DTD", "--source",
+                   "hf", "--data-source", "hf", "--base_dir", str(tmp_path), "--logs", str(tmp_path / "logs")])
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()  # nothing done
+    monkeypatch.setitem(hf_sets.HUB_DATASETS, "MNIST", hf_sets.HubSet("ylecun/mnist", test="validation"))
+    with pytest.raises(DatasetNotFoundError, match="ylecun/mnist: no 'validation' split files"):
+        hf_sets.ensure_hub_splits(["MNIST"])
 
 
 def test_hub_datasets_load_offline_with_our_val_rule(offline):

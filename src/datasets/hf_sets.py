@@ -143,6 +143,33 @@ def load_hub_split(task: str, hub: HubSet, split: str, transform, download: bool
     return HubImageDataset(data, image, label, transform, source)
 
 
+def ensure_hub_splits(names: list[str], download: bool = False) -> None:
+    """Before any work: every hub split that evaluating ``names`` (e.g. "MNIST", "MNISTVal") reads is in the
+    cache, fetched first when ``download``; else one DatasetNotFoundError listing all that are missing."""
+    from clip.hub import fetch_command, snapshot
+    from src.datasets.registry import get_spec
+
+    missing = []
+    for name in dict.fromkeys(names):
+        spec = get_spec(name)
+        hub = HUB_DATASETS.get(spec.name)
+        if hub is None:
+            missing.append(f"{spec.name} has no Hugging Face dataset (--data-source hf covers {', '.join(HUB_DATASETS)})")
+            continue
+        split = "train" if name.lower().endswith("val") else hub.test
+        try:
+            folder = snapshot(hub.repo, repo_type="dataset", download=download, allow_patterns=_patterns(hub, split),
+                              error=DatasetNotFoundError)
+        except DatasetNotFoundError as err:
+            missing.append(str(err))
+            continue
+        if not split_files(folder, hub, split):
+            missing.append(f"dataset {hub.repo}: no '{split}' split files in {folder}; run again with --download, "
+                           f"or fetch them with `{fetch_command(hub.repo, 'dataset')}`")
+    if missing:
+        raise DatasetNotFoundError(f"{len(missing)} hub dataset splits are missing:\n  " + "\n  ".join(missing))
+
+
 def build_from_hub(spec: DatasetSpec, split: str, preprocess, download: bool = False) -> Dataset:
     """The registry's builder for ``--data-source hf``: split in {'train', 'val', 'test'}."""
     hub = HUB_DATASETS.get(spec.name)
