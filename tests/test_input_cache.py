@@ -49,6 +49,17 @@ def test_split_transform_rebuilds_the_float_input_bit_for_bit(device):
         assert torch.equal(got, want), (img.mode, (got - want).abs().max())
 
 
+def test_emnist_orientation_commutes_with_the_split():
+    """EMNIST's builder rotates and flips the transform's output: the uint8 pixels give the same input."""
+    from src.datasets.torchvision_sets import EMNISTOrientation
+
+    full = clip.get_preprocess("ViT-B-32")[1]
+    plan = ic.split_transform(full)
+    for img in random_images(4, seed=3):
+        want = EMNISTOrientation(full)(img)
+        assert torch.equal(plan.normalize(EMNISTOrientation(plan.pixels)(img)[None])[0], want)
+
+
 def test_transforms_that_cannot_be_split_are_not_cached():
     norm = transforms.Normalize((0.5,) * 3, (0.25,) * 3)
     assert ic.split_transform(clip.get_preprocess("demo-micro")[1]) is None  # ToInput: no ToTensor + Normalize
