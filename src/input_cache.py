@@ -67,7 +67,7 @@ class DeviceNormalize:
         scale = torch.full((1, 1, 1), 255.0, dtype=torch.float32, device=x.device)
         mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
         std = torch.as_tensor(self.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-        return x.to(torch.float32).div(scale).sub_(mean).div_(std)
+        return x.to(torch.float32).div_(scale).sub_(mean).div_(std)  # in place: one float buffer per batch
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,8 @@ class DecodedBatches:
 
 
 class CachedBatches:
-    """Batches read from a memory-mapped entry; the next one is read (and pinned) while this one runs."""
+    """Batches read from a memory-mapped entry; the next one is read (and pinned for CUDA, or normalised when
+    evaluating on the CPU, so that it overlaps with the model) while this one runs."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, normalize: DeviceNormalize, device: torch.device,
                  batch_size: int):
@@ -269,6 +270,8 @@ class CachedBatches:
 
     def _read(self, start: int) -> torch.Tensor:
         x = torch.from_numpy(np.array(self.images[start:start + self.batch_size]))  # a copy: the map is read-only
+        if self.device.type == "cpu":
+            return self.normalize(x)
         return x.pin_memory() if self.device.type == "cuda" else x
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -279,7 +282,9 @@ class CachedBatches:
                 x = pending.result()
                 if start + bs < n:
                     pending = pool.submit(self._read, start + bs)
-                yield self.normalize(x.to(self.device, non_blocking=True)), torch.from_numpy(self.labels[start:start + bs])
+                if self.device.type != "cpu":
+                    x = self.normalize(x.to(self.device, non_blocking=True))
+                yield x, torch.from_numpy(self.labels[start:start + bs])
 
 
 class InputCache:
