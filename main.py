@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     hub = p.add_argument_group("Hugging Face hub and evaluation speed (hub: pip install -r requirements-hf.txt)")
     hub.add_argument("--source", choices=("local", "hf"), default="local",
                      help="checkpoints: local files under --base_dir, or FusionBench's from the Hugging Face hub "
-                          "(openai/clip-vit-*, tanganke/clip-vit-*_<task>): the hub cache only, fetched with --download")
+                          "(openai/clip-vit-*, tanganke/clip-vit-*_<task>): the hub cache only, fetched with "
+                          "--download")
     hub.add_argument("--data-source", "--data_source", choices=("local", "hf"), default="local",
                      help="datasets: folders under --data-location, or FusionBench's Hugging Face datasets from the "
                           "hub cache (fetched with --download)")

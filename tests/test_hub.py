@@ -1,7 +1,6 @@
 """--source hf / --data-source hf on a fake hub cache (the real layout, tiny transformers models, parquet
 datasets); nothing touches the network: the hub and datasets libraries run with offline mode on."""
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -150,7 +149,8 @@ def test_missing_hub_checkpoints_name_the_repo_and_the_flag(offline, tmp_path):
 
 
 def test_missing_hub_dataset_or_split_is_a_clear_error(offline, tmp_path, monkeypatch):
-    with pytest.raises(DatasetNotFoundError, match=r"tanganke/dtd.*--download.*hf download tanganke/dtd --repo-type dataset"):
+    with pytest.raises(DatasetNotFoundError,
+                       match=r"tanganke/dtd.*--download.*hf download tanganke/dtd --repo-type dataset"):
         get_dataset("DTD", None, hf_sets.HUB_LOCATION, num_workers=0)
     hub_set = hf_sets.HubSet("ylecun/mnist")
     with pytest.raises(DatasetNotFoundError, match=r"no 'validation' split files of dataset ylecun/mnist.*--download"):

@@ -63,7 +63,8 @@ def test_emnist_orientation_commutes_with_the_split():
 def test_transforms_that_cannot_be_split_are_not_cached():
     norm = transforms.Normalize((0.5,) * 3, (0.25,) * 3)
     assert ic.split_transform(clip.get_preprocess("demo-micro")[1]) is None  # ToInput: no ToTensor + Normalize
-    assert ic.split_transform(transforms.Compose([transforms.RandomResizedCrop(8), transforms.ToTensor(), norm])) is None
+    random_crop = transforms.Compose([transforms.RandomResizedCrop(8), transforms.ToTensor(), norm])
+    assert ic.split_transform(random_crop) is None
     assert ic.split_transform(transforms.Compose([transforms.Lambda(lambda x: x), transforms.ToTensor(), norm])) is None
     assert ic.split_transform(transforms.Compose([transforms.ToTensor()])) is None
     assert ic.split_transform(None) is None
@@ -94,7 +95,8 @@ def toy(tmp_path, monkeypatch):
         samples[split] = []
         for i, img in enumerate(random_images(n, seed=len(split))):
             label = int(rng.integers(0, 3))
-            img = Image.blend(img.convert("RGB"), Image.new("RGB", img.size, ((255, 0, 0), (0, 255, 0), (0, 0, 255))[label]), 0.5)
+            tint = Image.new("RGB", img.size, ((255, 0, 0), (0, 255, 0), (0, 0, 255))[label])
+            img = Image.blend(img.convert("RGB"), tint, 0.5)
             path = tmp_path / "data" / split / f"{i}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
             img.save(path, quality=90)

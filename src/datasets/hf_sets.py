@@ -154,7 +154,8 @@ def ensure_hub_splits(names: list[str], download: bool = False) -> None:
         spec = get_spec(name)
         hub = HUB_DATASETS.get(spec.name)
         if hub is None:
-            missing.append(f"{spec.name} has no Hugging Face dataset (--data-source hf covers {', '.join(HUB_DATASETS)})")
+            missing.append(f"{spec.name} has no Hugging Face dataset "
+                           f"(--data-source hf covers {', '.join(HUB_DATASETS)})")
             continue
         split = "train" if name.lower().endswith("val") else hub.test
         try:
