@@ -186,6 +186,25 @@ def test_hub_datasets_load_offline_with_our_val_rule(offline):
     assert list(val.dataset.indices) == list(split_train_val(train)[1].indices)
 
 
+def test_image_and_label_columns_of_the_hub_layouts():
+    """uoft-cs-style CIFAR-100 (img, coarse_label, fine_label) and FusionBench's FER2013 webdataset (jpg, cls)."""
+    from PIL import Image
+
+    def columns(features, task):
+        rows = {name: [Image.new("RGB", (2, 2))] if isinstance(f, datasets.Image) else [0]
+                for name, f in features.items()}
+        data = datasets.Dataset.from_dict(rows, features=datasets.Features(features))
+        return hf_sets._columns(data, hf_sets.HUB_DATASETS[task], task)
+
+    coarse, fine = datasets.ClassLabel(names=["a", "b"]), datasets.ClassLabel(names=["x", "y", "z"])
+    assert columns({"img": datasets.Image(), "coarse_label": coarse, "fine_label": fine}, "CIFAR100") == \
+        ("img", "fine_label")
+    assert columns({"jpg": datasets.Image(), "cls": datasets.Value("int64"), "__key__": datasets.Value("string")},
+                   "FER2013") == ("jpg", "cls")
+    with pytest.raises(ValueError, match=r"columns \['text'\]"):
+        columns({"text": datasets.Value("int64")}, "MNIST")
+
+
 def test_text_tower_converted_from_hf_matches_transformers(tmp_path):
     """Heads for --source hf come from the zero-shot CLIPModel's own text tower (no second download)."""
     torch.manual_seed(3)

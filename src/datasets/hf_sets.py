@@ -102,14 +102,15 @@ class HubImageDataset(Dataset):
 
 
 def _columns(data, hub: HubSet, task: str) -> tuple[str, str]:
-    """The image and label columns: FusionBench's names, else the first Image / ClassLabel feature."""
+    """The image and label columns: FusionBench's names or the usual ones (CIFAR-100: ``fine_label``, never
+    ``coarse_label``), else the first Image / ClassLabel feature."""
     import datasets
 
     cols = data.features
-    image = hub.image if hub.image in cols else next(
+    image = next((c for c in (hub.image, "image", "img") if c in cols), None) or next(
         (c for c, f in cols.items() if isinstance(f, datasets.Image)), None)
-    label = hub.label if hub.label in cols else next(
-        (c for c, f in cols.items() if isinstance(f, datasets.ClassLabel)), None)
+    label = next((c for c in (hub.label, "label", "fine_label", "labels") if c in cols), None) or next(
+        (c for c, f in cols.items() if isinstance(f, datasets.ClassLabel) and c != "coarse_label"), None)
     if image is None or label is None:
         raise ValueError(f"{task}: hub dataset {hub.repo} has columns {list(cols)}; expected an image column "
                          f"({hub.image!r}) and a label column ({hub.label!r})")
