@@ -147,9 +147,10 @@ def load_hub_split(task: str, hub: HubSet, split: str, transform, download: bool
 def ensure_hub_splits(names: list[str], download: bool = False) -> None:
     """Before any work: every hub split that evaluating ``names`` (e.g. "MNIST", "MNISTVal") reads is in the
     cache, fetched first when ``download``; else one DatasetNotFoundError listing all that are missing."""
-    from clip.hub import fetch_command, snapshot
+    from clip.hub import fetch_command, require, snapshot
     from src.datasets.registry import get_spec
 
+    require("datasets", "--data-source hf")  # needed later, to read the files: say so now
     missing = []
     for name in dict.fromkeys(names):
         spec = get_spec(name)
