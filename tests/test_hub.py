@@ -140,6 +140,41 @@ def test_repo_ids_follow_fusionbench_names():
     assert hf_sets.HUB_DATASETS["SVHN"] == hf_sets.HubSet("ufldl-stanford/svhn", config="cropped_digits")
 
 
+def test_download_fetches_config_and_weights_only_safetensors_first(tmp_path, monkeypatch):
+    """--download: what is asked of huggingface_hub (a stand-in records the calls; no network)."""
+    calls, has_safetensors = [], {"tanganke/a": True, "tanganke/b": False}
+
+    def snapshot_download(repo_id, *, repo_type=None, allow_patterns=None, local_files_only=False):
+        calls.append((repo_id, repo_type, list(allow_patterns), local_files_only))
+        folder = tmp_path / repo_id.replace("/", "--")
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text("{}")
+        if "model.safetensors" in allow_patterns and has_safetensors[repo_id]:
+            (folder / "model.safetensors").write_bytes(b"")
+        if "pytorch_model.bin" in allow_patterns:
+            (folder / "pytorch_model.bin").write_bytes(b"")
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert hub.fetch_model("tanganke/a", download=True).name == "tanganke--a"
+    assert calls == [("tanganke/a", "model", hub.SAFETENSORS, False)]
+    calls.clear()
+    hub.fetch_model("tanganke/b", download=True)  # an older repository without safetensors
+    assert calls == [("tanganke/b", "model", hub.SAFETENSORS, False), ("tanganke/b", "model", hub.PYTORCH_BIN, False)]
+    calls.clear()
+    with pytest.raises(CheckpointError, match="tanganke/b.*lacks config.json or its weights.*--download"):
+        (tmp_path / "tanganke--b" / "pytorch_model.bin").unlink()
+        hub.fetch_model("tanganke/b")  # offline: the cache only, no fallback fetch
+    assert calls == [("tanganke/b", "model", hub.SAFETENSORS, True)]
+    calls.clear()
+    monkeypatch.setattr(hf_sets, "split_files", lambda folder, hub_set, split: [folder / f"{split}.parquet"])
+    hf_sets.ensure_hub_splits(["Food101", "MNISTVal"], download=True)  # only the splits evaluated are fetched
+    assert [(c[0], c[1], c[3]) for c in calls] == [("ethz/food101", "dataset", False),
+                                                   ("ylecun/mnist", "dataset", False)]
+    assert calls[0][2] == ["*validation-*", "*validation/*", "*validation.*", "README.md"]
+    assert calls[1][2] == ["*train-*", "*train/*", "*train.*", "README.md"]
+
+
 def test_hub_checkpoints_resolve_to_cached_snapshots(offline, tmp_path):
     found = hub.hub_checkpoints("demo-micro", TASKS, tmp_path)
     assert found.layout == "hf"
