@@ -26,13 +26,16 @@ import clip
 import merge_func
 import utils
 from clip.factory import load_into
+from clip.hub import hub_checkpoints
 from clip.layout import LAYOUTS
 from clip.save import check_save_path as check_save_path_of
 from src import tuning
 from src.datasets import conventions
 from src.datasets.folder_sets import canonical_split_folders, set_split_folders
+from src.datasets.hf_sets import HUB_LOCATION, ensure_hub_splits
 from src.datasets.registry import NAMED_SETS, check_requirements, resolve_tasks
 from src.eval import describe_tasks, evaluate_tasks, pick_device
+from src.input_cache import MODES as INPUT_CACHE_MODES, InputCache
 from src.linalg import KEY_FILTERS
 from src.svc import check_alpha, default_alpha, svc
 from src.task_vectors import TaskVector
@@ -160,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--convention", choices=("auto", *conventions.CONVENTIONS), default="auto",
                             help="whose class names, templates and data the heads follow: task_vectors, tsv or "
                                  "fusionbench (default auto: the checkpoint layout's, hf -> fusionbench)")
+    hub = p.add_argument_group("Hugging Face hub and evaluation speed (hub: pip install -r requirements-hf.txt)")
+    hub.add_argument("--source", choices=("local", "hf"), default="local",
+                     help="checkpoints: local files under --base_dir, or FusionBench's from the Hugging Face hub "
+                          "(openai/clip-vit-*, tanganke/clip-vit-*_<task>): the hub cache only, fetched with "
+                          "--download")
+    hub.add_argument("--data-source", "--data_source", choices=("local", "hf"), default="local",
+                     help="datasets: folders under --data-location, or FusionBench's Hugging Face datasets from the "
+                          "hub cache (fetched with --download)")
+    hub.add_argument("--input-cache", choices=INPUT_CACHE_MODES, default="auto",
+                     help="keep decoded, resized inputs in memory-mapped files: auto = the <Task>Val splits "
+                          "(read 20-30 times by --scaling_coef/--alpha auto), all = every split, off = never")
+    hub.add_argument("--input-cache-dir", default=None, help="where (default <base_dir>/cache/inputs)")
     return p
 
 
@@ -205,7 +220,11 @@ def load_heads(args, ckpts, tasks: list[str], convention: str) -> dict:
     if missing:  # build from CLIP's text tower (needs the released OpenAI weights once)
         print(f"building zero-shot heads for {missing} from {args.model}'s text tower ({convention} convention)",
               flush=True)
-        text_model = clip.create_model(args.model, pretrained="openai")  # QuickGELU, as the OpenAI weights
+        text_model = None
+        if ckpts.layout == "hf":  # a Hugging Face CLIPModel zero-shot folder has the text tower: no download
+            from clip.hub import text_model_from_hf
+            text_model = text_model_from_hf(args.model, ckpts.zeroshot)
+        text_model = text_model or clip.create_model(args.model, pretrained="openai")  # QuickGELU, as OpenAI's
         for base in missing:
             heads[base] = get_classification_head(args.model, base, ckpts.root, args.data_location,
                                                   clip_model=text_model, convention=convention)
@@ -281,7 +300,8 @@ def evaluate(args, encoder, heads, datasets: list[str], provenance: dict | None 
     return evaluate_tasks(encoder, datasets, heads, encoder.val_preprocess, args.data_location, device=args.device_obj,
                           batch_size=args.batch_size, num_workers=args.num_workers,
                           progress=False if args.no_progress else None, amp=args.amp, seed=args.seed,
-                          download=args.download, convention=args.eval_convention, provenance=provenance)
+                          download=args.download, convention=args.eval_convention, provenance=provenance,
+                          input_cache=getattr(args, "inputs", None))
 
 
 def individual_for(args, ckpts, encoder, heads, datasets, restore, data: dict | None = None) -> dict[str, float]:
@@ -333,8 +353,18 @@ def plan(args) -> dict:
     tasks = resolve_tasks(args.tasks or default_tasks(args.model))
     datasets = resolve_tasks(args.eval_datasets) if args.eval_datasets else tasks
     request = requested(args, merge, tasks, datasets)
+    if args.source != "local" or args.data_source != "local":
+        request.update(source=args.source, data_source=args.data_source)
     results = Path(args.logs) / args.model / "results.jsonl"
-    ckpts = clip.find_checkpoints(args.model, args.base_dir, tasks, layout=args.checkpoint_layout)
+    if args.source == "hf":  # FusionBench's checkpoints from the Hugging Face hub cache (clip/hub.py): layout hf
+        if args.checkpoint_layout not in (None, "hf"):
+            raise ValueError(f"--source hf gives the 'hf' checkpoint layout, not {args.checkpoint_layout!r}")
+        ckpts = hub_checkpoints(args.model, tasks, args.base_dir, download=args.download)
+    else:
+        ckpts = clip.find_checkpoints(args.model, args.base_dir, tasks, layout=args.checkpoint_layout)
+    if args.data_source == "hf":  # every hub split this run reads is cached (or fetched) before any work
+        tuned = merge not in ("zeroshot", "finetuned") and "auto" in (args.scaling_coef, args.alpha)
+        ensure_hub_splits(datasets + ([f"{t}Val" for t in tasks] if tuned else []), download=args.download)
     args.eval_convention = conventions.resolve(args.convention, ckpts.layout)
     conventions.check_layout(ckpts.layout, args.eval_convention, tasks)  # EMNIST: the fine-tune's own data
     check_requirements(datasets)
@@ -471,9 +501,12 @@ def run(args) -> dict:
     args.data_location = args.data_location or os.path.join(args.base_dir, "data")
     set_split_folders(split_folders(args.split_folder))  # before any dataset is read
     utils.read_json(individual_path(args), {})  # a damaged cache stops the run before any work
+    if args.data_source == "hf":  # the registry's builders read FusionBench's hub datasets (src/datasets/hf_sets.py)
+        args.data_location = HUB_LOCATION
+    args.inputs = InputCache(args.input_cache_dir or os.path.join(args.base_dir, "cache", "inputs"), args.input_cache)
     times: dict[str, float] = {}
 
-    if args.model.startswith("demo"):  # the offline benchmark builds its own checkpoints on first use
+    if args.model.startswith("demo") and args.source == "local":  # the offline benchmark builds its own zoo
         from src.demo.zoo import ensure_zoo
 
         with utils.timer(times, "zoo_seconds"):
@@ -495,7 +528,8 @@ def run(args) -> dict:
         heads = load_heads(args, ckpts, datasets, args.eval_convention)
     record: dict = {"model": args.model, "merge": merge, "svc": False, "alpha": None, "scaling_coef": None,
                     "tasks": tasks, "layout": ckpts.layout, "convention": args.eval_convention, "seed": args.seed,
-                    "threads": threads, "device": str(args.device_obj), **done, "data": {}}
+                    "threads": threads, "device": str(args.device_obj), "source": args.source,
+                    "data_source": args.data_source, **done, "data": {}}
 
     if merge == "finetuned":
         with utils.timer(times, "eval_seconds"):

@@ -67,20 +67,28 @@ def evaluate(image_encoder: torch.nn.Module, head: torch.nn.Module, loader, devi
 def evaluate_tasks(image_encoder: torch.nn.Module, tasks: list[str], heads: Mapping[str, torch.nn.Module],
                    preprocess, data_location: str, device: str | torch.device | None = None,
                    batch_size: int = 128, num_workers: int = 2, progress: bool | None = None,
-                   amp: bool = False, seed: int = 0, download: bool = False,
-                   convention: str | None = None, provenance: dict | None = None) -> dict[str, float]:
+                   amp: bool = False, seed: int = 0, download: bool = False, convention: str | None = None,
+                   provenance: dict | None = None, input_cache=None) -> dict[str, float]:
     """Top-1 % per dataset, keyed by registered name. `XVal` evaluates X's validation split with the head
     `heads["XVal"]`, or `heads["X"]` when there is none (task_vectors' Val heads equal the test ones). The data
     follow `convention` (src.datasets.conventions: EMNIST is letters under fusionbench).
 
     provenance: a dict filled in place with, per dataset, where its images came from and how many were
-    evaluated ({"source": folder or file, "split": ..., "n": ...}; see `DatasetSplit.provenance`)."""
+    evaluated ({"source": folder or file, "split": ..., "n": ...}; see `DatasetSplit.provenance`).
+    input_cache: a `src.input_cache.InputCache`: inputs are normalised on the device, and the splits it
+    stores are decoded once (same accuracy, bit for bit)."""
     make_deterministic(seed)
     device = pick_device(device) if not isinstance(device, torch.device) else device
     results = {}
     for task in tasks:
-        split = get_dataset(task, preprocess, data_location, batch_size=batch_size, num_workers=num_workers,
-                            download=download, convention=convention)
+        plan = input_cache.plan(preprocess) if input_cache is not None else None
+        if plan is not None:
+            split = input_cache.split(task, data_location, plan, device, batch_size, num_workers, lambda: get_dataset(
+                task, plan.pixels, data_location, batch_size=batch_size, num_workers=num_workers, download=download,
+                convention=convention))
+        else:
+            split = get_dataset(task, preprocess, data_location, batch_size=batch_size, num_workers=num_workers,
+                                download=download, convention=convention)
         base = split.name[:-3] if split.name.endswith("Val") else split.name
         head = heads.get(split.name, heads.get(base))
         if head is None:

@@ -161,6 +161,9 @@ def _call_build(spec: DatasetSpec, split: str, preprocess, location: str, downlo
     parameters = inspect.signature(spec.build).parameters
     kwargs = {"convention": conventions.check_convention(convention or conventions.DEFAULT)} \
         if "convention" in parameters else {}
+    if str(location).startswith("hf://"):  # --data-source hf: FusionBench's hub datasets (hf_sets.py)
+        from src.datasets.hf_sets import build_from_hub
+        return build_from_hub(get_spec(spec.name, convention), split, preprocess, download, convention)
     if not download:
         return spec.build(split, preprocess, location, **kwargs)
     if "download" not in parameters:

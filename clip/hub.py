@@ -1,0 +1,172 @@
+"""Checkpoints from the Hugging Face hub (``--source hf``): FusionBench's CLIP fine-tunes.
+
+``--model ViT-B-32 --tasks 8`` becomes the zero-shot ``openai/clip-vit-base-patch32`` and the fine-tuned
+``tanganke/clip-vit-base-patch32_<task id>`` (task ids of FusionBench's ``config/model/clip-vit``, e.g.
+``stanford-cars``, ``oxford_flowers102``, ``emnist_letters``). Only ``config.json`` and the weights are
+fetched (safetensors when the repository has them), and only with ``download=True`` (``--download``);
+otherwise the standard hub cache alone is read (``local_files_only``). The snapshot folders then go
+through the same safe loader as local Hugging Face folders (``clip.hf``): nothing is unpickled unsafely.
+
+``huggingface_hub`` is optional: ``pip install -r requirements-hf.txt``.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from clip.checkpoint import CheckpointError
+from clip.hf import _LAYER, _weight_files, load_hf_folder
+from clip.layout import HF_NAMES, HF_TASK_IDS, CheckpointSet, _strip_val
+
+INSTALL_HINT = "pip install -r requirements-hf.txt"
+ZEROSHOT_OWNER, FINETUNED_OWNER = "openai", "tanganke"
+SAFETENSORS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+PYTORCH_BIN = ["config.json", "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
+_TEXT_BLOCK = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def require(module: str, why: str):
+    """Import an optional dependency, or stop with the command that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CheckpointError(f"{why} needs the optional package {module!r}: {INSTALL_HINT}") from None
+
+
+def repo_ids(model: str, tasks: list[str]) -> tuple[str, dict[str, str]]:
+    """(zero-shot repo id, {task: fine-tuned repo id}) under FusionBench's names."""
+    name = HF_NAMES.get(model, model)
+    ids = {t: f"{FINETUNED_OWNER}/{name}_{HF_TASK_IDS.get(_strip_val(t), _strip_val(t).lower())}" for t in tasks}
+    return f"{ZEROSHOT_OWNER}/{name}", ids
+
+
+def hub_cache_dir() -> str:
+    return require("huggingface_hub.constants", "--source hf / --data-source hf").HF_HUB_CACHE
+
+
+def fetch_command(repo_id: str, repo_type: str = "model") -> str:
+    return f"hf download {repo_id}" + (" --repo-type dataset" if repo_type == "dataset" else "")
+
+
+def snapshot(repo_id: str, *, repo_type: str = "model", download: bool = False,
+             allow_patterns: list[str] | None = None, error: Callable[[str], Exception] = CheckpointError) -> Path:
+    """The local snapshot folder of ``repo_id``: from the hub cache only, or fetched when ``download``.
+
+    A repository missing from the cache raises ``error`` naming the id, the flag and the command that fetches it.
+    """
+    hub = require("huggingface_hub", "--source hf / --data-source hf")
+    kind = "dataset" if repo_type == "dataset" else "model"
+    try:
+        return Path(hub.snapshot_download(repo_id, repo_type=repo_type, allow_patterns=allow_patterns,
+                                          local_files_only=not download))
+    except Exception as err:  # every hub failure (missing, incomplete, offline, unknown repo) becomes one line
+        if not type(err).__module__.startswith("huggingface_hub") and not isinstance(err, OSError):
+            raise
+        if not download:
+            raise error(f"{kind} {repo_id} is not (completely) in the Hugging Face cache {hub_cache_dir()}; "
+                        f"run again with --download to fetch it, or fetch it first with "
+                        f"`{fetch_command(repo_id, repo_type)}`") from None
+        raise error(f"could not download {kind} {repo_id} from the Hugging Face hub "
+                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def _has_weights(folder: Path) -> bool:
+    try:
+        return all(f.is_file() for f in _weight_files(folder))
+    except CheckpointError:
+        return False
+
+
+def fetch_model(repo_id: str, download: bool = False) -> Path:
+    """Snapshot folder of a CLIP model repository with config.json and its weights."""
+    folder = snapshot(repo_id, download=download, allow_patterns=SAFETENSORS)
+    if not _has_weights(folder) and download:  # an older repository without safetensors
+        folder = snapshot(repo_id, download=True, allow_patterns=PYTORCH_BIN)
+    if not (folder / "config.json").is_file() or not _has_weights(folder):
+        raise CheckpointError(f"model {repo_id}: the cached snapshot {folder} lacks config.json or its weights; "
+                              f"run again with --download (or `{fetch_command(repo_id)}`)")
+    return folder
+
+
+def hub_checkpoints(model: str, tasks: list[str], base_dir: str | Path, download: bool = False) -> CheckpointSet:
+    """A ``hf``-layout CheckpointSet of the hub snapshots of ``model`` and ``tasks``.
+
+    Heads (built once from the zero-shot model's text tower) live in ``<base_dir>/checkpoints/<model>/hf/``,
+    apart from the task_vectors heads, which follow another convention.
+    """
+    zs_id, ft_ids = repo_ids(model, tasks)
+    found, missing = {}, []
+    for key, repo in [("zeroshot", zs_id), *ft_ids.items()]:
+        try:
+            found[key] = fetch_model(repo, download)
+        except CheckpointError as err:
+            missing.append(str(err))
+    if missing:
+        raise CheckpointError(f"{len(missing)} of {len(ft_ids) + 1} hub checkpoints are missing:\n  "
+                              + "\n  ".join(missing))
+    root = Path(base_dir) / "checkpoints" / model / "hf"
+    heads = {t: root / f"head_{_strip_val(t)}.pt" for t in tasks}
+    return CheckpointSet("hf", root, found["zeroshot"], {t: found[t] for t in tasks}, heads)
+
+
+# ----------------------------------------------------------------------------- text tower
+def _hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF folder, read safely (safetensors, or torch's weights-only unpickler)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in _weight_files(folder):
+        out.update(load_file(f) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True))
+    return out
+
+
+def hf_text_layers_to_open_clip(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF ``text_model.encoder.layers.*`` -> open_clip ``transformer.resblocks.*`` (q/k/v stacked)."""
+    out = {}
+    for key in tensors:
+        m = _TEXT_BLOCK.match(key)
+        if not m:
+            continue
+        i, name, kind = m.groups()
+        block = f"transformer.resblocks.{i}."
+        if name == "self_attn.q_proj":
+            parts = [tensors[f"text_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            out[block + f"attn.in_proj_{kind}"] = torch.cat(parts, dim=0)
+        elif name in _LAYER:
+            out[block + f"{_LAYER[name]}.{kind}"] = tensors[key]
+        elif name not in ("self_attn.k_proj", "self_attn.v_proj"):
+            raise CheckpointError(f"unknown Hugging Face CLIP text key {key!r}")
+    return out
+
+
+def text_model_from_hf(model_name: str, folder: str | Path) -> torch.nn.Module | None:
+    """An open_clip CLIP ``model_name`` (text tower included) loaded from a HF ``CLIPModel`` folder, to build
+    zero-shot heads without a second download; None when the folder has no text tower (CLIPVisionModel)."""
+    from clip.factory import create_model
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") != "clip":
+        return None
+    tensors = _hf_tensors(folder)
+    text = hf_text_layers_to_open_clip(tensors)
+    if not text:
+        return None
+    state = {k[len("model."):]: v for k, v in load_hf_folder(folder).materialize().items()}
+    state.update(text)
+    model = create_model(model_name)
+    target = model.state_dict()
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{folder}: the checkpoint does not fit {model_name} (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}, shapes {shapes[:2]}); is --model its architecture?")
+    model.load_state_dict(state)
+    return model.eval()
