@@ -621,7 +621,10 @@ def finish(args, record: dict, accuracy: dict[str, float], times: dict[str, floa
     record = {"time": now.isoformat(timespec="seconds"), **record, "accuracy": accuracy,
               "avg": sum(accuracy.values()) / len(accuracy)}
     individual = load_individual(args, record["checkpoints"], record["data"])  # these checkpoints, this data
-    if all(d in individual for d in accuracy):
+    zero = [d for d in accuracy if d in individual and not individual[d] > 0]
+    if zero:  # undefined, so not logged; the absolute accuracies still are
+        print(f"warning: no normalised accuracy: the fine-tuned model scores 0 on {', '.join(zero)}", file=sys.stderr)
+    elif all(d in individual for d in accuracy):
         record["normalized"] = tuning.normalized_accuracy(accuracy, {d: individual[d] for d in accuracy})
     for key in ("merge_seconds", "svc_seconds", "eval_seconds"):
         record[key] = round(times.get(key, 0.0), 3)

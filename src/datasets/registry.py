@@ -178,6 +178,9 @@ def _source_of(dataset: Dataset) -> str:
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     source = getattr(dataset, "source", None) or getattr(dataset, "root", None)
+    if isinstance(source, dict) and "repo" in source:  # a hub dataset (hf_sets.py): id, config and commit
+        config = f"/{source['config']}" if source.get("config") else ""
+        return f"hf://{source['repo']}{config}@{source.get('revision')}"
     if source:
         return os.path.abspath(source) if os.path.exists(source) else str(source)
     return f"{type(dataset).__module__}.{type(dataset).__name__}"
