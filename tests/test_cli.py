@@ -11,7 +11,8 @@ import pytest
 import main
 import utils
 from src.datasets.registry import DatasetNotFoundError
-from tests.test_main import cli, results, workdir  # noqa: F401  (the module's demo-micro zoo)
+from tests.conftest import cli
+from tests.test_main import results
 
 
 def fresh(tmp_path, *args):

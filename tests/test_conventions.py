@@ -73,15 +73,6 @@ def test_same_definitions_and_emnist_layout_check():
         conventions.check_layout("tsv", "fusionbench", ["EMNISTVal"])
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    from src.demo.zoo import ensure_zoo
-
-    base = tmp_path_factory.mktemp("project")
-    ensure_zoo("demo-micro", str(base / "checkpoints"))
-    return base
-
-
 def test_results_line_records_the_convention(workdir):
     common = ["--model", "demo-micro", "--base_dir", str(workdir), "--logs", str(workdir / "logs"), "--threads", "1",
               "--no-progress", "--num-workers", "0", "--merge", "zeroshot"]

@@ -8,25 +8,10 @@ import pytest
 
 import main
 import utils
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli
 
 REQUIRED = {"time", "model", "merge", "svc", "alpha", "scaling_coef", "tasks", "accuracy", "avg", "seed",
             "merge_seconds", "svc_seconds", "eval_seconds", "options", "checkpoints"}
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A project folder with a built demo-micro zoo (built once for this module)."""
-    from src.demo.zoo import ensure_zoo
-
-    base = tmp_path_factory.mktemp("project")
-    ensure_zoo("demo-micro", str(base / "checkpoints"))
-    return base
-
-
-def cli(workdir, *args):
-    return main.main(["--model", "demo-micro", "--base_dir", str(workdir), "--logs", str(workdir / "logs"),
-                      "--threads", "1", "--no-progress", "--num-workers", "0", *args])
 
 
 def results(workdir):

@@ -11,6 +11,7 @@ import utils
 from src.datasets import folder_sets
 from src.datasets.folder_sets import set_split_folders
 from src.datasets.registry import get_dataset
+from tests.conftest import cli
 from tests.test_datasets import write_image_folder
 
 CLASSES = ["banded", "blotchy", "polka-dotted"]
@@ -91,91 +92,76 @@ def test_val_split_cut_from_train_says_so(tmp_path):
 
 
 # ---- main.py: provenance in results.jsonl, normalised accuracy of the checkpoints being evaluated ----------
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A project folder of its own with a demo-micro zoo: these tests change its checkpoints."""
-    from src.demo.zoo import ensure_zoo
-
-    base = tmp_path_factory.mktemp("provenance")
-    ensure_zoo("demo-micro", str(base / "checkpoints"))
-    return base
-
-
-def cli(base, *args):
-    return main.main(["--model", "demo-micro", "--base_dir", str(base), "--logs", str(base / "logs"),
-                      "--threads", "1", "--no-progress", "--num-workers", "0", *args])
-
-
-def test_every_result_line_says_where_each_dataset_came_from(project):
-    record = cli(project, "--merge", "zeroshot")
+def test_every_result_line_says_where_each_dataset_came_from(workdir):
+    record = cli(workdir, "--merge", "zeroshot")
     assert set(record["data"]) == set(record["accuracy"])
     for info in record["data"].values():
         assert info["source"] == "src.datasets.demo.GeneratedDataset" and info["split"] == "test" and info["n"] > 0
-    line = utils.read_jsonl(project / "logs" / "demo-micro" / "results.jsonl")[-1]
+    line = utils.read_jsonl(workdir / "logs" / "demo-micro" / "results.jsonl")[-1]
     assert line["data"] == record["data"]
-    log = sorted((project / "logs" / "demo-micro").glob("log_*_zeroshot.txt"))[-1].read_text()
+    log = sorted((workdir / "logs" / "demo-micro").glob("log_*_zeroshot.txt"))[-1].read_text()
     assert all(f"data {task}: src.datasets.demo.GeneratedDataset (test split" in log for task in record["tasks"])
 
 
-def test_normalized_accuracy_follows_changed_finetuned_checkpoints(project):
-    folder = project / "checkpoints" / "demo-micro"
+def test_normalized_accuracy_follows_changed_finetuned_checkpoints(workdir):
+    folder = workdir / "checkpoints" / "demo-micro"
     tasks = main.resolve_tasks("demo-micro")
-    ft_old = cli(project, "--merge", "finetuned")
-    ta_old = cli(project, "--merge", "TA")
+    ft_old = cli(workdir, "--merge", "finetuned")
+    ta_old = cli(workdir, "--merge", "TA")
     assert ta_old["normalized"] == pytest.approx(
         sum(100 * ta_old["accuracy"][t] / ft_old["accuracy"][t] for t in tasks) / len(tasks))
 
     changed = folder / tasks[0] / "finetuned.pt"  # now another task's fine-tuned model
-    backup = project / "finetuned.bak"
+    backup = workdir / "finetuned.bak"
     shutil.copy2(changed, backup)
     shutil.copy(folder / tasks[1] / "finetuned.pt", changed)
     try:
-        ta_new = cli(project, "--merge", "TA")  # measures the new fine-tuned accuracies before normalising
-        ft_new = cli(project, "--merge", "finetuned")
+        ta_new = cli(workdir, "--merge", "TA")  # measures the new fine-tuned accuracies before normalising
+        ft_new = cli(workdir, "--merge", "finetuned")
     finally:
         shutil.copy2(backup, changed)
     assert ta_new["checkpoints"] != ta_old["checkpoints"]
     assert ft_new["accuracy"][tasks[0]] != ft_old["accuracy"][tasks[0]]
     assert ta_new["normalized"] == pytest.approx(
         sum(100 * ta_new["accuracy"][t] / ft_new["accuracy"][t] for t in tasks) / len(tasks))
-    cache = json.loads((project / "logs" / "demo-micro" / "individual_accuracies.json").read_text())
+    cache = json.loads((workdir / "logs" / "demo-micro" / "individual_accuracies.json").read_text())
     # both checkpoint sets stay cached, each with the data it was measured on
     assert cache[tasks[0]][ft_old["checkpoints"]] == {"acc": ft_old["accuracy"][tasks[0]],
                                                       "data": ft_old["data"][tasks[0]]}
     assert cache[tasks[0]][ft_new["checkpoints"]]["acc"] == ft_new["accuracy"][tasks[0]]
 
 
-def test_individual_cache_old_format_and_damage(project):
-    path = project / "logs" / "demo-micro" / "individual_accuracies.json"
+def test_individual_cache_old_format_and_damage(workdir):
+    path = workdir / "logs" / "demo-micro" / "individual_accuracies.json"
     saved = path.read_text()
     try:
         path.write_text(json.dumps({t: 1.0 for t in main.resolve_tasks("demo-micro")}))  # unkeyed: never trusted
-        record = cli(project, "--merge", "finetuned")
+        record = cli(workdir, "--merge", "finetuned")
         assert record["normalized"] == pytest.approx(100.0)
         path.write_text("{not json")
         with pytest.raises(SystemExit, match="individual_accuracies.json"):
-            cli(project, "--merge", "zeroshot")
+            cli(workdir, "--merge", "zeroshot")
     finally:
         path.write_text(saved)
 
 
-def test_tuned_run_logs_the_grid(project):
-    record = cli(project, "--merge", "TA", "--scaling_coef", "auto", "--coef-grid", "tsv")
+def test_tuned_run_logs_the_grid(workdir):
+    record = cli(workdir, "--merge", "TA", "--scaling_coef", "auto", "--coef-grid", "tsv")
     assert record["scaling_coef_grid_name"] == "tsv"
     assert record["scaling_coef_grid"] == [i / 30 for i in range(1, 31)]
     assert record["scaling_coef_selected"] in record["scaling_coef_grid"]
     assert set(record["val_data"]) == {f"{t}Val" for t in record["tasks"]}
     assert all(info["split"] == "val" for info in record["val_data"].values())
-    line = utils.read_jsonl(project / "logs" / "demo-micro" / "results.jsonl")[-1]
+    line = utils.read_jsonl(workdir / "logs" / "demo-micro" / "results.jsonl")[-1]
     assert line["scaling_coef_grid_name"] == "tsv" and line["request"]["coef_grid"] == "tsv"
 
 
-def test_split_folder_flag(project):
+def test_split_folder_flag(workdir):
     with pytest.raises(SystemExit, match="DTD's folder is one of val, test"):
-        cli(project, "--merge", "zeroshot", "--split-folder", "DTD=valid")
-    record = cli(project, "--merge", "zeroshot", "--split-folder", "dtd=test")
+        cli(workdir, "--merge", "zeroshot", "--split-folder", "DTD=valid")
+    record = cli(workdir, "--merge", "zeroshot", "--split-folder", "dtd=test")
     assert folder_sets._chosen == {"DTD": "test"} and record["request"]["split_folders"] == {"DTD": "test"}
-    cli(project, "--merge", "zeroshot")  # every run sets the choices anew
+    cli(workdir, "--merge", "zeroshot")  # every run sets the choices anew
     assert folder_sets._chosen == {}
 
 

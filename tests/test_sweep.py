@@ -18,16 +18,6 @@ from tests.conftest import ROOT
 FLAGS = ["--threads", "1", "--no-progress", "--num-workers", "0"]
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A project folder with a built demo-micro zoo (built once for this module)."""
-    from src.demo.zoo import ensure_zoo
-
-    base = tmp_path_factory.mktemp("project")
-    ensure_zoo("demo-micro", str(base / "checkpoints"))
-    return base
-
-
 def launcher(workdir, logs, *args, extra=()):
     return sweep.main(["--model", "demo-micro", "--methods", "TA", "TIES", "--logs", str(workdir / logs), *args,
                        "--", "--base_dir", str(workdir), *FLAGS, *extra])
