@@ -331,3 +331,24 @@ def test_main_runs_end_to_end_from_the_hub_cache_offline(fake_hub, tmp_path):
         assert f"{task}: {acc:.2f}%" in out.stdout
     heads = tmp_path / "checkpoints" / "demo-micro" / "hf"
     assert sorted(p.name for p in heads.iterdir()) == ["head_EuroSAT.pt", "head_MNIST.pt"]  # from the text tower
+
+
+def test_fer2013_hub_labels_are_mapped_onto_our_class_order():
+    """clip-benchmark/wds_fer2013 (FusionBench's FER2013) puts `neutral` fourth; our class lists (torchvision's
+    order, FusionBench's names or TSV's synonym lists) put it last. The labels must follow the head's rows."""
+    from PIL import Image
+
+    from src.datasets.hf_sets import HUB_DATASETS, HubImageDataset, hub_label_map
+    from src.datasets.registry import get_spec
+
+    hub = HUB_DATASETS["FER2013"]
+    rows = [{"jpg": Image.new("L", (4, 4)), "cls": i} for i in range(7)]  # one image of each hub label
+    for convention in ("fusionbench", "tsv"):
+        names = get_spec("FER2013", convention).classnames
+        mapping = hub_label_map("FER2013", hub, names)
+        data = HubImageDataset(rows, "jpg", "cls", label_map=mapping)
+        ours = [n[0] if isinstance(n, list) else n for n in names]
+        assert [ours[data[i][1]] for i in range(7)] == list(hub.label_names)
+        assert data.cache_fingerprint()["label_map"] == mapping  # cached labels never outlive a new mapping
+    with pytest.raises(ValueError, match="do not match"):
+        hub_label_map("FER2013", hub, ["angry", "happy"])

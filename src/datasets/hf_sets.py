@@ -32,6 +32,9 @@ class HubSet:
     test: str = "test"  # hub split used as our test split
     image: str = "image"
     label: str = "label"
+    # the hub's class names in its label order, when our class lists (the local data's order) differ:
+    # labels are then mapped onto our order by name, so the heads line up
+    label_names: tuple[str, ...] | None = None
 
 
 HUB_DATASETS: dict[str, HubSet] = {
@@ -48,7 +51,8 @@ HUB_DATASETS: dict[str, HubSet] = {
     "Flowers102": HubSet("dpdl-benchmark/oxford_flowers102"),
     "CIFAR100": HubSet("tanganke/cifar100"),
     "PCAM": HubSet("1aurent/PatchCamelyon"),
-    "FER2013": HubSet("clip-benchmark/wds_fer2013", image="jpg", label="cls"),  # FusionBench's load_fer2013
+    "FER2013": HubSet("clip-benchmark/wds_fer2013", image="jpg", label="cls",  # FusionBench's load_fer2013
+                      label_names=("angry", "disgusted", "fearful", "happy", "neutral", "sad", "surprised")),
     "CIFAR10": HubSet("tanganke/cifar10"),
     "Food101": HubSet("ethz/food101", test="validation"),
     "FashionMNIST": HubSet("zalando-datasets/fashion_mnist"),
@@ -84,9 +88,11 @@ def split_files(folder: Path, hub: HubSet, split: str) -> list[Path]:
 class HubImageDataset(Dataset):
     """(transform(RGB PIL image), int label) over one split of a ``datasets.Dataset``."""
 
-    def __init__(self, data, image: str, label: str, transform=None, source: dict | None = None):
+    def __init__(self, data, image: str, label: str, transform=None, source: dict | None = None,
+                 label_map: list[int] | None = None):
         self.data, self.image, self.label, self.transform = data, image, label, transform
         self.source = source or {}
+        self.label_map = label_map  # hub label -> index in the task's class list
 
     def __len__(self) -> int:
         return len(self.data)
@@ -94,11 +100,13 @@ class HubImageDataset(Dataset):
     def __getitem__(self, index: int):
         row = self.data[int(index)]
         image = row[self.image].convert("RGB")
-        return (self.transform(image) if self.transform is not None else image), int(row[self.label])
+        label = int(row[self.label])
+        label = self.label_map[label] if self.label_map is not None else label
+        return (self.transform(image) if self.transform is not None else image), label
 
     def cache_fingerprint(self) -> dict:
-        """What identifies these images for the input cache: repository, commit, split and files."""
-        return self.source
+        """What identifies these images and labels for the input cache: repository, commit, split, files."""
+        return {**self.source, "label_map": self.label_map} if self.label_map is not None else self.source
 
 
 def _columns(data, hub: HubSet, task: str) -> tuple[str, str]:
@@ -118,7 +126,8 @@ def _columns(data, hub: HubSet, task: str) -> tuple[str, str]:
 
 
 def load_hub_split(task: str, hub: HubSet, split: str, transform, download: bool = False,
-                   n_classes: int | None = None) -> HubImageDataset:
+                   n_classes: int | None = None,
+                   label_map: list[int] | None = None) -> HubImageDataset:
     """One hub split ('train' or our 'test') of ``task`` from the hub cache, fetched first when ``download``."""
     from clip.hub import fetch_command, require, snapshot
 
@@ -141,7 +150,7 @@ def load_hub_split(task: str, hub: HubSet, split: str, transform, download: bool
                       f"names list {n_classes}; accuracies would be meaningless if the labels differ", stacklevel=2)
     source = {"repo": hub.repo, "revision": folder.name, "config": hub.config, "split": hub_split,
               "files": [str(f.relative_to(folder)) for f in files], "rows": len(data)}
-    return HubImageDataset(data, image, label, transform, source)
+    return HubImageDataset(data, image, label, transform, source, label_map)
 
 
 def ensure_hub_splits(names: list[str], download: bool = False) -> None:
@@ -173,6 +182,19 @@ def ensure_hub_splits(names: list[str], download: bool = False) -> None:
         raise DatasetNotFoundError(f"{len(missing)} hub dataset splits are missing:\n  " + "\n  ".join(missing))
 
 
+def hub_label_map(task: str, hub: HubSet, classnames: list) -> list[int] | None:
+    """Hub label -> index in ``classnames`` (a name, or TSV's list of synonyms led by the name), or None
+    when the hub's order is ours."""
+    if hub.label_names is None:
+        return None
+    ours = [c[0] if isinstance(c, (list, tuple)) else c for c in classnames]
+    missing = [n for n in hub.label_names if n not in ours]
+    if missing or len(ours) != len(hub.label_names):
+        raise ValueError(f"{task}: the classes of {hub.repo} ({', '.join(hub.label_names)}) do not match the "
+                         f"task's class names ({', '.join(map(str, ours))})")
+    return [ours.index(n) for n in hub.label_names]
+
+
 def build_from_hub(spec: DatasetSpec, split: str, preprocess, download: bool = False,
                    convention: str | None = None) -> Dataset:
     """The registry's builder for ``--data-source hf``: split in {'train', 'val', 'test'}; ``spec`` carries
@@ -186,9 +208,10 @@ def build_from_hub(spec: DatasetSpec, split: str, preprocess, download: bool = F
                          f"convention evaluates; this run uses the {convention or 'task_vectors'} convention "
                          "(EMNIST digits): use --source hf or --convention fusionbench, or local EMNIST data")
     n_classes = len(spec.classnames) or None
+    label_map = hub_label_map(spec.name, hub, spec.classnames)
     if split == "test":
-        return load_hub_split(spec.name, hub, "test", preprocess, download, n_classes)
-    train = load_hub_split(spec.name, hub, "train", preprocess, download, n_classes)
+        return load_hub_split(spec.name, hub, "test", preprocess, download, n_classes, label_map)
+    train = load_hub_split(spec.name, hub, "train", preprocess, download, n_classes, label_map)
     if split == "train" and spec.val_from_train:  # the registry cuts <Task>Val out of it itself
         return train
     rest, val = split_train_val(train, spec.name)  # tasks with a val folder locally (EuroSAT): same rule here
