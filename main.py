@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_int_from(1), default=128)
     p.add_argument("--num-workers", type=_int_from(0), default=2)
     p.add_argument("--download", action="store_true",
-                   help="let torchvision download datasets it can fetch (never done silently)")
+                   help="allow the network (never used silently): torchvision datasets it can fetch, and with "
+                        "--source/--data-source hf the hub's checkpoints and datasets")
     p.add_argument("--amp", action="store_true", help="fp16 autocast for evaluation on CUDA (faster, not bit-exact)")
     p.add_argument("--seed", type=int, default=42, help="global seed (the official runs use 42)")
     p.add_argument("--threads", type=_int_from(1), default=None, help="torch CPU threads (default: torch's choice)")
