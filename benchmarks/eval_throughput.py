@@ -60,12 +60,13 @@ def write_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> 
         Image.fromarray(img).save(path, quality=90)
 
 
-def cheap_model() -> tuple[ImageEncoder, ClassificationHead]:
+def cheap_model(width: int = 64) -> tuple[ImageEncoder, ClassificationHead]:
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     torch.manual_seed(0)
     clip_model = CLIP(embed_dim=32, quick_gelu=True,
-                      vision_cfg=CLIPVisionCfg(layers=1, width=64, head_width=32, patch_size=32, image_size=224),
+                      vision_cfg=CLIPVisionCfg(layers=1, width=width, head_width=min(32, width), patch_size=32,
+                                               image_size=224),
                       text_cfg=CLIPTextCfg(context_length=8, vocab_size=64, width=16, heads=2, layers=1))
     return ImageEncoder(clip_model).eval(), ClassificationHead(normalize=True, weights=100 * torch.randn(CLASSES, 32))
 
@@ -104,6 +105,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the main process")
+    p.add_argument("--width", type=int, default=64, help="width of the one-layer ViT (smaller: cheaper model)")
     p.add_argument("--grid", type=int, default=20, help="points of the --scaling_coef auto grid (TA: 20)")
     p.add_argument("--out", default="benchmarks/results/eval_throughput")
     args = p.parse_args()
@@ -123,7 +125,7 @@ def main() -> None:
     registry.register_dataset("Bench", lambda split, pre, loc: ImageFolder(loc, transform=pre),
                               [f"class {i}" for i in range(CLASSES)], [lambda c: c], val_from_train=False)
     preprocess = clip.get_preprocess("ViT-B-32")[1]
-    encoder, head = cheap_model()
+    encoder, head = cheap_model(args.width)
     heads = {"Bench": head}
     device = torch.device(args.device)
 
@@ -183,7 +185,7 @@ def main() -> None:
     result = {
         "images": n, "size": args.size, "workers": args.workers, "batch_size": args.batch_size,
         "device": str(device), "threads": args.threads, "cpus": os.cpu_count(),
-        "model": "open_clip ViT 224 px, patch 32, width 64, 1 layer (random weights)",
+        "model": f"open_clip ViT 224 px, patch 32, width {args.width}, 1 layer (random weights)",
         "model_only_images_per_s": round(model_ips, 1),
         "plain_images_per_s": round(n / t_plain, 1), "first_pass_images_per_s": round(n / t_first, 1),
         "cached_images_per_s": round(n / t_cached, 1), "cached_over_first": round(t_first / t_cached, 1),
