@@ -54,6 +54,15 @@ class ZooConfig:
     grad_clip: float = 1.0
     threads: int = 1  # results depend on the float reduction order: record it
     version: int = ZOO_VERSION
+    # the data design (src.demo.tasks.Design); the defaults are the original pixel-shift design
+    shift: float = 1.0
+    name_rate: float = 1.0
+    style: bool = False
+    frame: float = 0.0
+
+    @property
+    def design(self) -> T.Design:
+        return T.Design(shift=self.shift, name_rate=self.name_rate, style=self.style, frame=self.frame)
 
 
 CONFIGS: dict[str, ZooConfig] = {
@@ -119,7 +128,7 @@ def _adamw(params, lr: float, wd: float) -> torch.optim.AdamW:
 def pretrain(model, tokenizer, cfg: ZooConfig, seed: int, log) -> dict:
     """CLIP contrastive pretraining on clean captioned images of every task domain."""
     t0 = time.time()
-    imgs, caps = T.pretrain_data(cfg.tasks, cfg.pretrain_per_task, seed)
+    imgs, caps = T.pretrain_data(cfg.tasks, cfg.pretrain_per_task, seed, cfg.design)
     uniq, inverse = np.unique(np.array(caps), return_inverse=True)
     cap_idx = torch.from_numpy(inverse.reshape(-1))
     tokens = tokenizer(list(uniq))
@@ -179,16 +188,22 @@ def head_cosine(w: torch.Tensor) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def eval_loader(task: str, split: str) -> DataLoader:
+def eval_loader(task: str, split: str, design: T.Design = T.DEFAULT_DESIGN) -> DataLoader:
     """A generated split as preprocessed tensors, made once: the same batches as the registry's
     dataset with the demo val transform (tests/test_demo.py checks it), without a PIL round trip."""
-    x, y = T.generate(task, split)
+    x, y = T.generate(task, split, design=design)
     return DataLoader(TensorDataset(to_input(x), torch.from_numpy(y.copy())), batch_size=500)
 
 
-def accuracy(encoder: torch.nn.Module, head, task: str, split: str) -> float:
+def accuracy(encoder: torch.nn.Module, head, task: str, split: str, design: T.Design = T.DEFAULT_DESIGN) -> float:
     """Top-1 % of head(encoder(x)) over a generated split, through the pipeline's evaluate()."""
-    return evaluate(encoder, head, eval_loader(task, split), "cpu", progress=False)
+    return evaluate(encoder, head, eval_loader(task, split, design), "cpu", progress=False)
+
+
+def stored_config(path: str | Path) -> ZooConfig:
+    """The ZooConfig a built zoo was made with (from its zoo.json), e.g. for its data design."""
+    c = json.loads((Path(path) / "zoo.json").read_text())["signature"]["config"]
+    return ZooConfig(**{**c, "tasks": tuple(c["tasks"])})
 
 
 def load_built(path: str | Path, tasks) -> tuple[dict[str, torch.Tensor], dict, dict[str, TaskVector]]:
@@ -204,7 +219,7 @@ def load_built(path: str | Path, tasks) -> tuple[dict[str, torch.Tensor], dict, 
 def finetune(model, w: torch.Tensor, task: str, cfg: ZooConfig, seed: int) -> dict:
     """Fine-tunes model.visual on the task's train split with the zero-shot head `w` frozen."""
     t0 = time.time()
-    x, y = T.generate(task, "train")
+    x, y = T.generate(task, "train", design=cfg.design)
     x, y = torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
     g = torch.Generator().manual_seed(seed * 1000 + T.TASK_NAMES.index(task))
     params = list(model.visual.parameters())
@@ -226,7 +241,8 @@ def finetune(model, w: torch.Tensor, task: str, cfg: ZooConfig, seed: int) -> di
     return {"seconds": time.time() - t0, "final_loss": float(np.mean(losses[-10:]))}
 
 
-def task_arithmetic_report(model_name: str, zs: dict, fts: dict, heads: dict, tasks) -> dict:
+def task_arithmetic_report(model_name: str, zs: dict, fts: dict, heads: dict, tasks,
+                           design: T.Design = T.DEFAULT_DESIGN) -> dict:
     """TA (pretrained + lam * sum of task vectors) with lam chosen on val as `main.py --scaling_coef auto`
     does (average normalised accuracy), through the pipeline's own TaskVector, apply_in_place and
     select_coefficient: a build-time sanity check."""
@@ -237,11 +253,11 @@ def task_arithmetic_report(model_name: str, zs: dict, fts: dict, heads: dict, ta
     individual_val = {}
     for t in tasks:
         apply_in_place(params, zs, vectors[t], 1.0)
-        individual_val[t] = accuracy(encoder, heads[t], t, "val")
+        individual_val[t] = accuracy(encoder, heads[t], t, "val", design)
 
     def score(lam: float, split: str = "val") -> dict[str, float]:
         apply_in_place(params, zs, total, lam)
-        return {t: accuracy(encoder, heads[t], t, split) for t in tasks}
+        return {t: accuracy(encoder, heads[t], t, split, design) for t in tasks}
 
     sel = select_coefficient(default_grid("TA"), score, individual=individual_val)
     return {"val_curve": {p["coef"]: p["avg"] for p in sel.curve},
@@ -258,7 +274,7 @@ def _signature(model_name: str, cfg: ZooConfig, seed: int) -> dict:
 
 def _pretrain_signature(model_name: str, cfg: ZooConfig, seed: int) -> dict:
     keep = ("tasks", "pretrain_per_task", "pretrain_steps", "pretrain_batch", "pretrain_lr", "weight_decay",
-            "warmup", "grad_clip", "threads", "version")
+            "warmup", "grad_clip", "threads", "version", "name_rate", "style")
     sig = _signature(model_name, cfg, seed)
     sig["config"] = {k: v for k, v in sig["config"].items() if k in keep}
     return sig
@@ -295,7 +311,7 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
         t0 = time.time()
         for task in cfg.tasks:
             for split in T.SPLITS:
-                T.generate(task, split)
+                T.generate(task, split, design=cfg.design)
         stats["stages"]["data"] = time.time() - t0
         log(f"[demo zoo] data: {stats['stages']['data']:.1f} s")
 
@@ -329,7 +345,7 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
         t0 = time.time()
         weights = {t: head_weight(heads[t]).float() for t in cfg.tasks}  # frozen heads of fine-tuning
         stats["head_cosine"] = {t: head_cosine(w) for t, w in weights.items()}
-        stats["zeroshot"] = {t: accuracy(model.visual, heads[t], t, "test") for t in cfg.tasks}
+        stats["zeroshot"] = {t: accuracy(model.visual, heads[t], t, "test", cfg.design) for t in cfg.tasks}
         stats["stages"]["zeroshot_eval"] = time.time() - t0
 
         t0 = time.time()
@@ -340,14 +356,14 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
             fts[task] = encoder_state_dict(model)
             (out / task).mkdir(exist_ok=True)
             torch.save(fts[task], out / task / "finetuned.pt")
-            stats["finetuned"][task] = accuracy(model.visual, heads[task], task, "test")
+            stats["finetuned"][task] = accuracy(model.visual, heads[task], task, "test", cfg.design)
             log(f"[demo zoo] {task}: zero-shot {stats['zeroshot'][task]:.1f} -> fine-tuned "
                 f"{stats['finetuned'][task]:.1f} ({stats['finetune'][task]['seconds']:.1f} s)")
         stats["stages"]["finetune"] = time.time() - t0
 
         if report:
             t0 = time.time()
-            stats["task_arithmetic"] = task_arithmetic_report(model_name, zs, fts, heads, cfg.tasks)
+            stats["task_arithmetic"] = task_arithmetic_report(model_name, zs, fts, heads, cfg.tasks, cfg.design)
             stats["stages"]["report"] = time.time() - t0
         stats["total_seconds"] = time.time() - t_start
         meta = {"signature": _signature(model_name, cfg, seed), "stats": stats}
@@ -364,9 +380,10 @@ def _estimate(model_name: str, cfg: ZooConfig) -> float:
     return imgs / ips + 4.0 * len(cfg.tasks)
 
 
-def ensure_zoo(model_name: str, base_dir: str, rebuild: bool = False, seed: int = 0) -> Path:
+def ensure_zoo(model_name: str, base_dir: str, rebuild: bool = False, seed: int = 0,
+               cfg: ZooConfig | None = None) -> Path:
     """<base_dir>/<model_name>/ with a complete zoo: reused when its stored signature matches the
-    current config and seed, (re)built otherwise or when `rebuild` is set."""
+    config (`cfg`, default the model's) and seed, (re)built otherwise or when `rebuild` is set."""
     out = Path(base_dir) / model_name
     meta_path = out / "zoo.json"
     if not rebuild and meta_path.exists():
@@ -374,13 +391,13 @@ def ensure_zoo(model_name: str, base_dir: str, rebuild: bool = False, seed: int 
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError:
             meta = {}
-        cfg = CONFIGS[model_name]
+        cfg = cfg or CONFIGS[model_name]
         files = [out / "zeroshot.pt"] + [out / t / "finetuned.pt" for t in cfg.tasks] + \
                 [out / f"head_{t}.pt" for t in cfg.tasks]
         if meta.get("signature") == _signature(model_name, cfg, seed) and all(f.exists() for f in files):
             return out
         tqdm.write(f"[demo zoo] {meta_path} does not match the current config or files are missing: rebuilding")
-    return build_zoo(model_name, base_dir, seed=seed, reuse_pretrain=not rebuild)
+    return build_zoo(model_name, base_dir, seed=seed, cfg=cfg, reuse_pretrain=not rebuild)
 
 
 def format_report(meta: dict) -> str:
@@ -401,6 +418,29 @@ def format_report(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def with_overrides(cfg: ZooConfig, items: list[str]) -> ZooConfig:
+    """`cfg` with KEY=VALUE overrides of its scalar fields (the `--set` of the command lines)."""
+    fields = {f.name: f for f in dataclasses.fields(cfg) if f.name not in ("tasks", "version")}
+    kw = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or k not in fields:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        kind = type(getattr(cfg, k))
+        try:
+            if kind is bool:
+                if v.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(v)
+                kw[k] = v.lower() in ("true", "1")
+            else:
+                kw[k] = kind(v)
+        except ValueError:
+            raise SystemExit(f"--set {item!r}: {k} takes a {kind.__name__}") from None
+    out = dataclasses.replace(cfg, **kw)
+    out.design  # range check of the data design before any work
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="demo", choices=DEMO_MODELS)
@@ -411,12 +451,7 @@ def main(argv=None) -> None:
                    help="override ZooConfig fields for experiments, e.g. ft_lr=1e-4 (always rebuilds)")
     a = p.parse_args(argv)
     if a.set:
-        cfg = CONFIGS[a.model]
-        kw = {}
-        for item in a.set:
-            k, v = item.split("=", 1)
-            kw[k] = type(getattr(cfg, k))(v)
-        build_zoo(a.model, a.checkpoint_dir, seed=a.seed, cfg=dataclasses.replace(cfg, **kw),
+        build_zoo(a.model, a.checkpoint_dir, seed=a.seed, cfg=with_overrides(CONFIGS[a.model], a.set),
                   reuse_pretrain=not a.rebuild)
     else:
         path = ensure_zoo(a.model, a.checkpoint_dir, rebuild=a.rebuild, seed=a.seed)
