@@ -390,3 +390,15 @@ def test_quality_targets_are_checked_as_the_issue_states():
     rows = {line.split(" | ")[0][2:]: line for line in mod.targets([r]).splitlines() if line.startswith("| ")}
     assert "MISSED" in rows["forgetting (mean off-diag.) |.| <= 5"] and "MISSED" in rows["val-tuned TA - zero-shot >= 15"]
     assert "| TA 0.3 +SVC a=1/K | +5.0 |" in mod.svc_effect([r])  # 61 - 56
+
+
+def test_grouped_pretraining_batches_hold_images_of_few_tasks():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    batches = list(zoo._grouped_batches(range(20), 8, 100, 2, 64, g, opt, 1e-3, 0.1))
+    assert len(batches) == 20
+    for _, idx in batches:
+        assert len(idx) == 64 and len(set((idx // 100).tolist())) <= 2 and int(idx.max()) < 800
+    assert len({int(t) for _, idx in batches for t in idx // 100}) == 8  # every task gets its turn
+    with pytest.raises(SystemExit, match="pretrain_group"):
+        zoo.with_overrides(zoo.CONFIGS["demo-micro"], ["pretrain_group=4"])

@@ -59,6 +59,9 @@ class ZooConfig:
     name_rate: float = 1.0
     style: bool = False
     frame: float = 0.0
+    # tasks per pretraining batch: 0 draws batches from every task; k > 0 draws each batch from k random
+    # tasks, so that the in-batch negatives are other classes of the same task (class features, not task id)
+    pretrain_group: int = 0
 
     @property
     def design(self) -> T.Design:
@@ -104,6 +107,19 @@ def _scheduled_batches(steps, n: int, batch: int, g: torch.Generator, opt, lr: f
         yield step, idx
 
 
+def _grouped_batches(steps, n_tasks: int, per_task: int, group: int, batch: int, g: torch.Generator, opt,
+                     lr: float, warmup: float):
+    """As _scheduled_batches, but each batch holds batch // group random images of each of `group`
+    random tasks (the pretraining data is laid out task after task, per_task images each)."""
+    total = len(steps)
+    for step in steps:
+        chosen = torch.randperm(n_tasks, generator=g)[:group]
+        idx = torch.cat([t * per_task + torch.randint(0, per_task, (batch // group,), generator=g) for t in chosen])
+        for grp in opt.param_groups:
+            grp["lr"] = _schedule(step, total, lr, warmup)
+        yield step, idx
+
+
 def _translate(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Random per-image translation by up to `pad` pixels with edge padding (uint8 NHWC batch)."""
     n, h, w, _ = x.shape
@@ -140,7 +156,11 @@ def pretrain(model, tokenizer, cfg: ZooConfig, seed: int, log) -> dict:
     model.train()
     losses = []
     bar = tqdm(range(cfg.pretrain_steps), desc="pretrain", unit="step", leave=False)
-    for step, idx in _scheduled_batches(bar, len(caps), cfg.pretrain_batch, g, opt, cfg.pretrain_lr, cfg.warmup):
+    batches = _scheduled_batches(bar, len(caps), cfg.pretrain_batch, g, opt, cfg.pretrain_lr, cfg.warmup)
+    if cfg.pretrain_group:
+        batches = _grouped_batches(bar, len(cfg.tasks), cfg.pretrain_per_task, cfg.pretrain_group,
+                                   cfg.pretrain_batch, g, opt, cfg.pretrain_lr, cfg.warmup)
+    for step, idx in batches:
         img = F.normalize(model.encode_image(_inputs(_translate(x_all[idx], g))), dim=-1)
         # one text per distinct caption in the batch; duplicates share the target column
         ci = cap_idx[idx]
@@ -274,7 +294,7 @@ def _signature(model_name: str, cfg: ZooConfig, seed: int) -> dict:
 
 def _pretrain_signature(model_name: str, cfg: ZooConfig, seed: int) -> dict:
     keep = ("tasks", "pretrain_per_task", "pretrain_steps", "pretrain_batch", "pretrain_lr", "weight_decay",
-            "warmup", "grad_clip", "threads", "version", "name_rate", "style")
+            "warmup", "grad_clip", "threads", "version", "name_rate", "style", "pretrain_group")
     sig = _signature(model_name, cfg, seed)
     sig["config"] = {k: v for k, v in sig["config"].items() if k in keep}
     return sig
@@ -290,7 +310,7 @@ def _pretrain_cached(out: Path, cfg: ZooConfig, sig: dict) -> bool:
 
 
 def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConfig | None = None,
-              report: bool = True, reuse_pretrain: bool = True) -> Path:
+              report: bool = True, reuse_pretrain: bool = True, reason: str = "requested") -> Path:
     """Builds the zoo into <base_dir>/<model_name>/ and returns that folder. The pretraining stage
     (zeroshot.pt and heads) is reused when its part of the config is unchanged, unless
     `reuse_pretrain` is False."""
@@ -307,7 +327,8 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
         t_start = time.time()
         stats: dict = {"stages": {}}
         log(f"[demo zoo] building {model_name} (seed {seed}) into {out}; "
-            f"rough estimate on 1 CPU thread: {_estimate(model_name, cfg):.0f} s")
+            f"rough estimate on 1 CPU thread: {_estimate(model_name, cfg):.0f} s. Why: {reason}. It is built once "
+            "and reused while its config and seed are unchanged")
         t0 = time.time()
         for task in cfg.tasks:
             for split in T.SPLITS:
@@ -397,7 +418,9 @@ def ensure_zoo(model_name: str, base_dir: str, rebuild: bool = False, seed: int 
         if meta.get("signature") == _signature(model_name, cfg, seed) and all(f.exists() for f in files):
             return out
         tqdm.write(f"[demo zoo] {meta_path} does not match the current config or files are missing: rebuilding")
-    return build_zoo(model_name, base_dir, seed=seed, cfg=cfg, reuse_pretrain=not rebuild)
+    reason = ("--rebuild" if rebuild else "its config or seed changed, or files are missing" if meta_path.exists()
+              else f"first use: no zoo in {out}, made offline from generated data")
+    return build_zoo(model_name, base_dir, seed=seed, cfg=cfg, reuse_pretrain=not rebuild, reason=reason)
 
 
 def format_report(meta: dict) -> str:
@@ -438,6 +461,8 @@ def with_overrides(cfg: ZooConfig, items: list[str]) -> ZooConfig:
             raise SystemExit(f"--set {item!r}: {k} takes a {kind.__name__}") from None
     out = dataclasses.replace(cfg, **kw)
     out.design  # range check of the data design before any work
+    if not 0 <= out.pretrain_group <= len(out.tasks):
+        raise SystemExit(f"--set pretrain_group={out.pretrain_group}: must be 0 (all tasks) to {len(out.tasks)}")
     return out
 
 
