@@ -48,7 +48,8 @@ def run_seed(seed: int, base: Path, model: str = "demo", cfg: ZooConfig | None =
     tvs = [by_task[t] for t in tasks]
     enc = clip.build_image_encoder(model, zs).eval()
     params = enc.state_dict()
-    test, val, train = ({t: eval_loader(t, split, cfg.design) for t in tasks} for split in ("test", "val", "train"))
+    test, val, train = ({t: eval_loader(t, split, cfg.design) for t in tasks}
+                        for split in ("test", "val", "train"))
 
     def acc(loaders, only=None):
         return {t: evaluate(enc, heads[t], loaders[t], "cpu", progress=False) for t in (only or tasks)}

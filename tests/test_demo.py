@@ -270,7 +270,8 @@ def test_interference_probes_agree_with_the_build_report(micro_zoo):
 # ----------------------------------------------------------------------------- data designs (issue 14)
 def test_default_design_is_the_original_data():
     x0, y0 = T.generate.__wrapped__("Colors", "val", 0, 12)
-    x1, y1 = T.generate.__wrapped__("Colors", "val", 0, 12, T.Design(shift=1.0, name_rate=1.0, style=False, frame=0.0))
+    original = T.Design(shift=1.0, name_rate=1.0, style=False, frame=0.0)
+    x1, y1 = T.generate.__wrapped__("Colors", "val", 0, 12, original)
     assert np.array_equal(x0, x1) and np.array_equal(y0, y1)
     _, caps = T.pretrain_data(("Letters",), 20, seed=0)
     assert all(any(f" {c}" in cap for c in T.LETTERS) for cap in caps)
@@ -388,7 +389,8 @@ def test_quality_targets_are_checked_as_the_issue_states():
     assert rows["val-tuned TA - zero-shot >= 15"].endswith(" met |")  # 71 - 55 = 16
     r["mechanism"]["forgetting_mean"], r["methods"]["TA val"] = -5.1, flat(69.0)
     rows = {line.split(" | ")[0][2:]: line for line in mod.targets([r]).splitlines() if line.startswith("| ")}
-    assert "MISSED" in rows["forgetting (mean off-diag.) |.| <= 5"] and "MISSED" in rows["val-tuned TA - zero-shot >= 15"]
+    assert "MISSED" in rows["forgetting (mean off-diag.) |.| <= 5"]
+    assert "MISSED" in rows["val-tuned TA - zero-shot >= 15"]
     assert "| TA 0.3 +SVC a=1/K | +5.0 |" in mod.svc_effect([r])  # 61 - 56
 
 

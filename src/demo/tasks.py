@@ -298,7 +298,8 @@ def _compose(rng, task: str, mask: np.ndarray, label: int, clean: bool, design: 
             img = img * cast
         contrast = rng.uniform(*_scaled(SHIFT["contrast"], design.shift, 1.0))
         img = img.mean() + (img - img.mean()) * contrast
-        img = img + rng.normal(0, rng.uniform(*_scaled(SHIFT["noise"], design.shift)), size=img.shape).astype(np.float32)
+        noise = rng.uniform(*_scaled(SHIFT["noise"], design.shift))
+        img = img + rng.normal(0, noise, size=img.shape).astype(np.float32)
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), word
 
 
@@ -314,20 +315,25 @@ TASKS: dict[str, DemoTask] = {t.name: t for t in (
     DemoTask("Letters", LETTERS,
              _tpl("a photo of the letter {c}.", "the letter {c} in a noisy picture.", "a printed letter {c}."),
              ("the letter {c}", "a {k} letter {c}", "letter {c} printed in {k}", "a drawing of the letter {c}"),
-             ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "hotel", "kilo", "mike", "romeo"), _letter_mask),
+             ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "hotel", "kilo", "mike", "romeo"),
+             _letter_mask),
     DemoTask("Shapes", SHAPES,
              _tpl("a photo of a {c}.", "a small {c}.", "a picture of a {c} shape."),
-             ("a {k} {c}", "a drawing of a {c}", "a {c} shape in {k}", "a picture of a {c}"), ("ball", "box", "wedge", "spiky", "plus", "rhombus", "honeycomb", "loop"), _shape_mask),
+             ("a {k} {c}", "a drawing of a {c}", "a {c} shape in {k}", "a picture of a {c}"),
+             ("ball", "box", "wedge", "spiky", "plus", "rhombus", "honeycomb", "loop"), _shape_mask),
     DemoTask("Textures", TEXTURES,
              _tpl("a photo of a {c} texture.", "a {c} pattern.", "a close up photo of {c}."),
-             ("a {k} {c} texture", "{c}", "a pattern of {k} {c}", "a {c} pattern"), ("rows", "columns", "slants", "chess", "polka", "mesh"), _texture_mask),
+             ("a {k} {c} texture", "{c}", "a pattern of {k} {c}", "a {c} pattern"),
+             ("rows", "columns", "slants", "chess", "polka", "mesh"), _texture_mask),
     DemoTask("Count", COUNTS,
              _tpl("a photo of {c} dots.", "there are {c} dots.", "a picture with {c} spots."),
-             ("{c} dots", "{c} {k} dots", "a picture of {c} dots", "there are {c} {k} dots"), ("1", "2", "3", "4", "5", "6"), _count_mask),
+             ("{c} dots", "{c} {k} dots", "a picture of {c} dots", "there are {c} {k} dots"),
+             ("1", "2", "3", "4", "5", "6"), _count_mask),
     DemoTask("Position", POSITIONS,
              _tpl("a photo of an object in the {c}.", "a small object at the {c}.", "something in the {c}."),
              ("an object in the {c}", "a {k} object at the {c}", "a shape in the {c}", "a {k} blob in the {c}"),
-             ("north west", "north", "north east", "west", "middle", "east", "south west", "south", "south east"), _position_mask),
+             ("north west", "north", "north east", "west", "middle", "east", "south west", "south", "south east"),
+             _position_mask),
     DemoTask("Colors", COLORS,
              _tpl("a photo of a {c} object.", "something {c}.", "the colour {c}."),
              ("a {c} shape", "a {c} object", "something {c}", "a picture of a {c} blob"), COLOR_ALIASES, _color_mask),

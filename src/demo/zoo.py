@@ -215,7 +215,8 @@ def eval_loader(task: str, split: str, design: T.Design = T.DEFAULT_DESIGN) -> D
     return DataLoader(TensorDataset(to_input(x), torch.from_numpy(y.copy())), batch_size=500)
 
 
-def accuracy(encoder: torch.nn.Module, head, task: str, split: str, design: T.Design = T.DEFAULT_DESIGN) -> float:
+def accuracy(encoder: torch.nn.Module, head, task: str, split: str,
+             design: T.Design = T.DEFAULT_DESIGN) -> float:
     """Top-1 % of head(encoder(x)) over a generated split, through the pipeline's evaluate()."""
     return evaluate(encoder, head, eval_loader(task, split, design), "cpu", progress=False)
 
