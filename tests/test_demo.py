@@ -1,4 +1,5 @@
 """Embedded demo benchmark: generated data, tokenizer, model sizes and the demo-micro zoo."""
+import dataclasses
 import json
 
 import numpy as np
@@ -268,11 +269,21 @@ def test_interference_probes_agree_with_the_build_report(micro_zoo):
 
 
 # ----------------------------------------------------------------------------- data designs (issue 14)
+ORIGINAL_DIGITS_TRAIN, ORIGINAL_PRETRAIN = "f52b5985b6d4", "1544aea5edc4"  # made by commit d67b623
+
+
 def test_default_design_is_the_original_data():
     x0, y0 = T.generate.__wrapped__("Colors", "val", 0, 12)
     original = T.Design(shift=1.0, name_rate=1.0, style=False, frame=0.0)
     x1, y1 = T.generate.__wrapped__("Colors", "val", 0, 12, original)
     assert np.array_equal(x0, x1) and np.array_equal(y0, y1)
+    # digests of the data made by the code before the design fields existed (commit d67b623): the default
+    # zoo, and every figure measured on it, must stay reproducible
+    import hashlib
+
+    digest = lambda a: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:12]  # noqa: E731
+    assert digest(T.generate.__wrapped__("Digits", "train", 0, 64)[0]) == ORIGINAL_DIGITS_TRAIN
+    assert digest(T.pretrain_data(("Shapes", "Colors"), 32, seed=0)[0]) == ORIGINAL_PRETRAIN
     _, caps = T.pretrain_data(("Letters",), 20, seed=0)
     assert all(any(f" {c}" in cap for c in T.LETTERS) for cap in caps)
 
@@ -286,7 +297,7 @@ def test_name_rate_moves_class_names_to_aliases():
     _, some = T.pretrain_data(("Shapes",), 400, seed=0, design=T.Design(name_rate=0.25))
     named = np.mean([any(c in cap for c in spec.classnames) for cap in some])
     assert 0.15 < named < 0.35
-    tok = get_demo_tokenizer("demo")
+    tok = get_demo_tokenizer("demo-text")  # demo keeps the original vocabulary
     assert not (tok(caps) == 1).any(), "an alias caption has a word piece outside the vocabulary"
 
 
@@ -404,3 +415,16 @@ def test_grouped_pretraining_batches_hold_images_of_few_tasks():
     assert len({int(t) for _, idx in batches for t in idx // 100}) == 8  # every task gets its turn
     with pytest.raises(SystemExit, match="pretrain_group"):
         zoo.with_overrides(zoo.CONFIGS["demo-micro"], ["pretrain_group=4"])
+
+
+def test_alias_vocabulary_is_kept_out_of_demo_and_needed_for_name_rate_below_one(tmp_path):
+    """demo's vocabulary (hence its zoo) stays the original one; the alias captions of name_rate < 1
+    need demo-text, whose vocabulary holds them (no alias word piece falls back to 'unknown')."""
+    import clip.demo as D
+
+    assert D.get_demo_tokenizer("demo").vocab_size == D.get_demo_tokenizer("demo-micro").vocab_size
+    assert D.get_demo_tokenizer("demo-text").vocab_size > D.get_demo_tokenizer("demo").vocab_size
+    alias_captions = T.corpus(aliases=True)[len(T.corpus()):]
+    assert alias_captions and not (D.get_demo_tokenizer("demo-text")(alias_captions) == D.UNK_ID).any()
+    with pytest.raises(ValueError, match="--model demo-text"):
+        zoo.build_zoo("demo-micro", tmp_path, cfg=dataclasses.replace(zoo.CONFIGS["demo-micro"], name_rate=0.5))

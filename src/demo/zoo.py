@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import clip
-from clip.demo import DEMO_MODELS, create_demo_model, get_demo_tokenizer, to_input
+from clip.demo import ALIAS_MODELS, DEMO_MODELS, create_demo_model, get_demo_tokenizer, to_input
 from src.demo import tasks as T
 from src.eval import evaluate
 from src.heads import build_zeroshot_head
@@ -75,6 +75,14 @@ CONFIGS: dict[str, ZooConfig] = {
     "demo-micro": ZooConfig(tasks=("Digits", "Shapes", "Colors"), pretrain_per_task=256, pretrain_steps=80,
                             pretrain_batch=64, pretrain_lr=2e-3, ft_steps=16, ft_batch=32, ft_lr=5e-4),
 }
+CONFIGS["demo-text"] = CONFIGS["demo"]  # demo with the aliases in its vocabulary, for name_rate < 1 (issue 14)
+
+
+def check_vocabulary(model_name: str, cfg: ZooConfig) -> None:
+    """Captions that name classes by alias (name_rate < 1) need a vocabulary holding the aliases."""
+    if cfg.name_rate < 1 and model_name not in ALIAS_MODELS:
+        raise ValueError(f"name_rate={cfg.name_rate} captions name classes by alias, which {model_name}'s "
+                         f"vocabulary lacks: build it with --model {ALIAS_MODELS[0]}")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -318,6 +326,7 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
     if model_name not in DEMO_MODELS:
         raise ValueError(f"no demo zoo for model {model_name!r}; choose one of {', '.join(DEMO_MODELS)}")
     cfg = cfg or CONFIGS[model_name]
+    check_vocabulary(model_name, cfg)
     out = Path(base_dir) / model_name
     out.mkdir(parents=True, exist_ok=True)
     (out / "zoo.json").unlink(missing_ok=True)  # an interrupted build must not look complete
@@ -397,7 +406,7 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
 
 
 def _estimate(model_name: str, cfg: ZooConfig) -> float:
-    ips = {"demo": 600.0, "demo-micro": 10000.0}[model_name]  # training images/s on 1 thread
+    ips = {"demo": 600.0, "demo-text": 600.0, "demo-micro": 10000.0}[model_name]  # training images/s, 1 thread
     imgs = cfg.pretrain_steps * cfg.pretrain_batch * 1.2 + len(cfg.tasks) * cfg.ft_steps * cfg.ft_batch
     return imgs / ips + 4.0 * len(cfg.tasks)
 
