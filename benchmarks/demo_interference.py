@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import clip  # noqa: E402
-from src.demo.zoo import accuracy, load_built  # noqa: E402
+from src.demo.mechanism import forgetting  # noqa: E402
+from src.demo.zoo import accuracy, load_built, stored_config  # noqa: E402
 from src.task_vectors import TaskVector  # noqa: E402
 from src.tuning import apply_in_place  # noqa: E402
 
@@ -33,7 +34,8 @@ def interference(zoo_dir: str | Path, model: str, split: str = "val",
                  lambdas: tuple[float, ...] = (0.1, 0.3)) -> dict:
     """Accuracies (%) per task for every probe above; see the module docstring."""
     zoo_dir = Path(zoo_dir)
-    tasks = json.loads((zoo_dir / "zoo.json").read_text())["signature"]["config"]["tasks"]
+    cfg = stored_config(zoo_dir)
+    tasks, design = list(cfg.tasks), cfg.design
     zs, heads, tau = load_built(zoo_dir, tasks)
     encoder = clip.build_image_encoder(model, zs).eval()
     params = encoder.state_dict()
@@ -42,7 +44,7 @@ def interference(zoo_dir: str | Path, model: str, split: str = "val",
 
     def acc(update: TaskVector, lam: float, task: str) -> float:
         apply_in_place(params, zs, update, lam)
-        return accuracy(encoder, heads[task], task, split)
+        return accuracy(encoder, heads[task], task, split, design)
 
     probes: dict[str, dict[str, float]] = {"zero-shot": {}, "fine-tuned": {}}
     for t in tasks:
@@ -53,10 +55,9 @@ def interference(zoo_dir: str | Path, model: str, split: str = "val",
         for lam in lambdas:
             for name, update in updates.items():
                 probes.setdefault(f"{name} {lam}", {})[t] = acc(update, lam, t)
-    forgetting = {j: {i: acc(tau[j], 1.0, i) - probes["zero-shot"][i] for i in tasks} for j in tasks}
-    off = [forgetting[j][i] for j in tasks for i in tasks if i != j]
-    return {"split": split, "tasks": tasks, "probes": probes, "forgetting": forgetting,
-            "mean_forgetting": float(np.mean(off))}
+    forget = forgetting(params, zs, tau, lambda t: accuracy(encoder, heads[t], t, split, design))
+    return {"split": split, "tasks": tasks, "probes": probes, "forgetting": forget["matrix"],
+            "mean_forgetting": forget["mean"]}
 
 
 def format_table(res: dict) -> str:

@@ -1,4 +1,5 @@
 """Embedded demo benchmark: generated data, tokenizer, model sizes and the demo-micro zoo."""
+import dataclasses
 import json
 
 import numpy as np
@@ -265,3 +266,165 @@ def test_interference_probes_agree_with_the_build_report(micro_zoo):
     for t in tasks:
         assert res["forgetting"][t][t] == pytest.approx(p["fine-tuned"][t] - p["zero-shot"][t])
     assert "mean off-diagonal change" in mod.format_table(res)
+
+
+# ----------------------------------------------------------------------------- data designs (issue 14)
+ORIGINAL_DIGITS_TRAIN, ORIGINAL_PRETRAIN = "f52b5985b6d4", "1544aea5edc4"  # made by commit d67b623
+
+
+def test_default_design_is_the_original_data():
+    x0, y0 = T.generate.__wrapped__("Colors", "val", 0, 12)
+    original = T.Design(shift=1.0, name_rate=1.0, style=False, frame=0.0)
+    x1, y1 = T.generate.__wrapped__("Colors", "val", 0, 12, original)
+    assert np.array_equal(x0, x1) and np.array_equal(y0, y1)
+    # digests of the data made by the code before the design fields existed (commit d67b623): the default
+    # zoo, and every figure measured on it, must stay reproducible
+    import hashlib
+
+    digest = lambda a: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:12]  # noqa: E731
+    assert digest(T.generate.__wrapped__("Digits", "train", 0, 64)[0]) == ORIGINAL_DIGITS_TRAIN
+    assert digest(T.pretrain_data(("Shapes", "Colors"), 32, seed=0)[0]) == ORIGINAL_PRETRAIN
+    _, caps = T.pretrain_data(("Letters",), 20, seed=0)
+    assert all(any(f" {c}" in cap for c in T.LETTERS) for cap in caps)
+
+
+def test_name_rate_moves_class_names_to_aliases():
+    spec = T.TASKS["Shapes"]
+    _, caps = T.pretrain_data(("Shapes",), 64, seed=0, design=T.Design(name_rate=0.0))
+    assert not any(c in cap for cap in caps for c in spec.classnames)
+    assert not any(k in cap.split() for cap in caps for k in T.COLORS)  # colour words are class names of Colors
+    assert all(any(a in cap for a in spec.aliases) for cap in caps)
+    _, some = T.pretrain_data(("Shapes",), 400, seed=0, design=T.Design(name_rate=0.25))
+    named = np.mean([any(c in cap for c in spec.classnames) for cap in some])
+    assert 0.15 < named < 0.35
+    tok = get_demo_tokenizer("demo-text")  # demo keeps the original vocabulary
+    assert not (tok(caps) == 1).any(), "an alias caption has a word piece outside the vocabulary"
+
+
+def test_shift_zero_draws_downstream_like_pretraining_and_style_gives_each_task_its_statistics():
+    # no shift: downstream backgrounds are flat like pretraining (no gradient, no noise)
+    plain = T.Design(shift=0.0)
+    x, _ = T.generate.__wrapped__("Shapes", "val", 0, 16, plain)
+    xs, _ = T.generate.__wrapped__("Shapes", "val", 0, 16)
+    corner = lambda a: a[:, :3, :3].reshape(len(a), -1, 3).astype(float).std(1).mean()  # noqa: E731
+    assert corner(x) < 1.0 < corner(xs)
+    styled = T.Design(shift=0.0, style=True)
+    means = {t: T.generate.__wrapped__(t, "val", 0, 16, styled)[0][:, 0, 0].mean(0) for t in ("Letters", "Count")}
+    assert np.abs(means["Letters"] - means["Count"]).max() > 150  # paper-white against black
+    pre, _ = T.pretrain_data(("Letters",), 16, seed=0, design=styled)
+    assert np.abs(pre[:, 0, 0].mean(0) - means["Letters"]).max() < 20  # pretraining sees the same statistics
+
+
+def test_frame_is_downstream_only():
+    d = T.Design(shift=0.0, frame=1.0)
+    x, _ = T.generate.__wrapped__("Digits", "val", 0, 8, d)
+    assert (x[:, 0, :] == [255, 0, 255]).all() and (x[:, :, -1] == [255, 0, 255]).all()
+    pre, _ = T.pretrain_data(("Digits",), 8, seed=0, design=d)
+    assert not (pre[:, 0, :] == [255, 0, 255]).all(-1).any()
+
+
+def test_design_and_overrides_are_checked_before_any_work():
+    with pytest.raises(ValueError, match="name_rate"):
+        T.Design(name_rate=1.5)
+    cfg = zoo.with_overrides(zoo.CONFIGS["demo"], ["style=true", "name_rate=0.1", "ft_lr=1e-4", "frame=0"])
+    assert cfg.style is True and cfg.design == T.Design(name_rate=0.1, style=True) and cfg.ft_lr == 1e-4
+    assert zoo.with_overrides(cfg, ["style=false"]).style is False
+    for bad, msg in (["styl=true"], "KEY one of"), (["style=maybe"], "takes a bool"), (["ft_steps"], "KEY=VALUE"):
+        with pytest.raises(SystemExit, match=msg):
+            zoo.with_overrides(cfg, bad)
+    with pytest.raises(ValueError, match="frame"):
+        zoo.with_overrides(cfg, ["frame=2"])
+
+
+# ----------------------------------------------------------------------------- mechanism measurements
+def test_over_accumulation_ratio_is_k_for_identical_and_one_for_orthogonal_vectors():
+    from src.demo.mechanism import over_accumulation
+    from src.task_vectors import TaskVector
+    K = 4
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(12, 8, generator=g)
+    same = [TaskVector(vector={"model.visual.w": m.clone(), "model.visual.b": torch.ones(8)}) for _ in range(K)]
+    res = over_accumulation(same)
+    assert list(res["ratios"]) == ["model.visual.w"]  # only matrices SVC calibrates
+    assert res["median"] == pytest.approx(K)
+    e = torch.eye(12)[:, :K], torch.eye(8)[:, :K]  # rank one each, disjoint directions
+    orth = [TaskVector(vector={"model.visual.w": torch.outer(e[0][:, i], e[1][:, i]), "model.visual.b": torch.ones(8)})
+            for i in range(K)]
+    assert over_accumulation(orth)["median"] == pytest.approx(1.0)
+
+
+def test_relative_norm_and_linear_probe():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from src.demo.mechanism import linear_probe, relative_norm
+    from src.task_vectors import TaskVector
+    zs = {"a": torch.full((4,), 2.0), "b": torch.full((4,), 5.0)}
+    tv = TaskVector(vector={"a": torch.full((4,), 0.2), "b": torch.zeros(4)})  # b unchanged: not counted
+    assert relative_norm(zs, tv) == pytest.approx(0.1)
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=g) * 3
+
+    def loader(n):
+        y = torch.arange(n) % 3
+        return DataLoader(TensorDataset(centres[y] + torch.randn(n, 8, generator=g) * 0.3, y), batch_size=50)
+    assert linear_probe(torch.nn.Identity(), loader(150), loader(60)) == 100.0
+    scrambled = torch.nn.Linear(8, 8, bias=False)
+    torch.nn.init.zeros_(scrambled.weight)  # features carry no information: chance level
+    assert linear_probe(scrambled, loader(150), loader(60)) < 50
+
+
+def test_quality_targets_are_checked_as_the_issue_states():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_quality.py"
+    spec = importlib.util.spec_from_file_location("demo_quality", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tasks = [f"T{i}" for i in range(8)]
+
+    def flat(v):
+        return {t: v for t in tasks}
+    methods = {"zeroshot": flat(55.0), "individual": flat(90.0), "TA val": flat(71.0), "TA 0.3": flat(56.0)}
+    for name in ("TA 0.3", "TA val", "TIES", "TSV-M", "Iso-C"):
+        methods.setdefault(name, flat(60.0))
+        methods[name + "+SVC a=1/K"], methods[name + "+SVC a=1"] = flat(61.0), flat(59.5)
+    r = {"seed": 0, "tasks": tasks, "methods": methods, "zoo": {"head_cosine": flat(0.5)},
+         "mechanism": {"linear_probe": {**flat(85.0), "T7": 64.0}, "forgetting_mean": -4.9,
+                       "over_accumulation_median": 4.25, "relative_norm": flat(0.01)}}
+    rows = {line.split(" | ")[0][2:]: line for line in mod.targets([r]).splitlines() if line.startswith("| ")}
+    assert rows["fine-tuned - probe, avg <= 10"].endswith(" met |")  # 5.6 on average
+    assert "MISSED" in rows["fine-tuned - probe, max <= 25"]  # 26 on T7
+    assert rows["forgetting (mean off-diag.) |.| <= 5"].endswith(" met |")
+    assert rows["over-accumulation median >= 1.5 sqrt(K)"].endswith(" met |")  # 4.25 >= 4.24
+    assert rows["val-tuned TA - zero-shot >= 15"].endswith(" met |")  # 71 - 55 = 16
+    r["mechanism"]["forgetting_mean"], r["methods"]["TA val"] = -5.1, flat(69.0)
+    rows = {line.split(" | ")[0][2:]: line for line in mod.targets([r]).splitlines() if line.startswith("| ")}
+    assert "MISSED" in rows["forgetting (mean off-diag.) |.| <= 5"]
+    assert "MISSED" in rows["val-tuned TA - zero-shot >= 15"]
+    assert "| TA 0.3 +SVC a=1/K | +5.0 |" in mod.svc_effect([r])  # 61 - 56
+
+
+def test_grouped_pretraining_batches_hold_images_of_few_tasks():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    batches = list(zoo._grouped_batches(range(20), 8, 100, 2, 64, g, opt, 1e-3, 0.1))
+    assert len(batches) == 20
+    for _, idx in batches:
+        assert len(idx) == 64 and len(set((idx // 100).tolist())) <= 2 and int(idx.max()) < 800
+    assert len({int(t) for _, idx in batches for t in idx // 100}) == 8  # every task gets its turn
+    with pytest.raises(SystemExit, match="pretrain_group"):
+        zoo.with_overrides(zoo.CONFIGS["demo-micro"], ["pretrain_group=4"])
+
+
+def test_alias_vocabulary_is_kept_out_of_demo_and_needed_for_name_rate_below_one(tmp_path):
+    """demo's vocabulary (hence its zoo) stays the original one; the alias captions of name_rate < 1
+    need demo-text, whose vocabulary holds them (no alias word piece falls back to 'unknown')."""
+    import clip.demo as D
+
+    assert D.get_demo_tokenizer("demo").vocab_size == D.get_demo_tokenizer("demo-micro").vocab_size
+    assert D.get_demo_tokenizer("demo-text").vocab_size > D.get_demo_tokenizer("demo").vocab_size
+    alias_captions = T.corpus(aliases=True)[len(T.corpus()):]
+    assert alias_captions and not (D.get_demo_tokenizer("demo-text")(alias_captions) == D.UNK_ID).any()
+    with pytest.raises(ValueError, match="--model demo-text"):
+        zoo.build_zoo("demo-micro", tmp_path, cfg=dataclasses.replace(zoo.CONFIGS["demo-micro"], name_rate=0.5))

@@ -24,12 +24,33 @@ SHIFT = {"contrast": (0.8, 1.0), "noise": (0.02, 0.05), "gradient": (-0.3, 0.5)}
 
 
 @dataclass(frozen=True)
+class Design:
+    """How the data of a zoo are made. The defaults are the original design (a downstream pixel shift,
+    class names in every caption); the others move the zero-shot gap to the text side (issue 14)."""
+    shift: float = 1.0  # strength of the downstream shift; 0: downstream images are drawn like pretraining
+    name_rate: float = 1.0  # fraction of pretraining captions naming the class (and colour) as the prompts
+    # do; the others use an alias (e.g. "kilo" for the letter k), so image features learn the classes
+    # while the prompts' words are rarely seen
+    style: bool = False  # each task its own background and ink statistics, in pretraining and downstream
+    frame: float = 0.0  # opacity of a frame every downstream image carries and pretraining never shows:
+    # a part every task must learn to ignore the same way
+
+    def __post_init__(self):
+        if not (0 <= self.name_rate <= 1 and self.shift >= 0 and 0 <= self.frame <= 1):
+            raise ValueError(f"demo design out of range: {self} (name_rate, frame in [0, 1], shift >= 0)")
+
+
+DEFAULT_DESIGN = Design()
+
+
+@dataclass(frozen=True)
 class DemoTask:
     """One generated task: class names, prompt templates and a per-image renderer."""
     name: str
     classnames: tuple[str, ...]
     templates: tuple[Callable[[str], str], ...]
     captions: tuple[str, ...]  # pretraining caption formats with "{c}" (class) and "{k}" (colour)
+    aliases: tuple[str, ...]  # a second name per class, used by captions that do not name the class
     mask: Callable[[np.random.Generator, int, bool, str], np.ndarray]  # -> [32,32] float in [0,1]
 
 
@@ -219,28 +240,54 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb((h / 360.0) % 1.0, s, v), dtype=np.float32)
 
 
-_PALETTE_WORDS = COLORS  # colour adjectives used in pretraining captions
+COLOR_ALIASES = ("scarlet", "tangerine", "lemon", "lime", "aqua", "navy", "violet", "rose")
 
 
-def _colours(rng, task: str, label: int, clean: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+# per-task input statistics of the "style" design: background (h, s, v) and whether the ink is dark
+# (as SUN397, MNIST, EuroSAT and GTSRB differ in their pixel statistics)
+STYLES = {"Digits": ((225, 0.6, 0.25), False), "Letters": ((45, 0.15, 0.9), True),
+          "Shapes": ((120, 0.5, 0.25), False), "Textures": ((0, 0.0, 0.5), False),
+          "Count": ((0, 0.0, 0.05), False), "Position": ((200, 0.3, 0.85), True),
+          "Colors": ((0, 0.0, 0.2), False), "Arrows": ((0, 0.0, 0.95), True)}
+FRAME_COLOUR = np.array([1.0, 0.0, 1.0], dtype=np.float32)  # magenta, never drawn in pretraining
+FRAME_WIDTH = 2
+
+
+def _scaled(lo_hi: tuple[float, float], s: float, neutral: float = 0.0) -> tuple[float, float]:
+    """A shift range moved towards `neutral` by strength s (exactly the range itself at s = 1)."""
+    return lo_hi if s == 1 else tuple(neutral + (v - neutral) * s for v in lo_hi)
+
+
+def _colours(rng, task: str, label: int, clean: bool, design: Design = DEFAULT_DESIGN
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """Foreground colour, two background colours and the colour word of the foreground."""
+    dark_ink = design.style and STYLES[task][1]
     if task == "Colors":
         # downstream: a systematic hue drift towards the next class (white balance of another camera)
-        h = _HUES[label] + (rng.uniform(-8, 8) if clean else 22 + rng.uniform(-9, 9))
+        h = _HUES[label] + (rng.uniform(-8, 8) if clean else 22 * design.shift + rng.uniform(-9, 9))
         fg = _hsv(h, rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))
         word = COLORS[label]
     else:
         k = int(rng.integers(0, len(COLORS)))
-        fg = _hsv(_HUES[k] + rng.uniform(-8, 8), rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))
+        if design.style:  # ink value drawn first: the order the README's issue-14 runs were measured with
+            v = rng.uniform(0.25, 0.45) if dark_ink else rng.uniform(0.7, 1.0)
+            fg = _hsv(_HUES[k] + rng.uniform(-8, 8), rng.uniform(0.6, 1.0), v)
+        else:  # the original draw order (hue, saturation, value): the default data and zoo are unchanged
+            fg = _hsv(_HUES[k] + rng.uniform(-8, 8), rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))
         word = COLORS[k]
-    g = rng.uniform(0.0, 0.3)
-    bg1 = np.full(3, g, dtype=np.float32) + rng.uniform(-0.05, 0.05, size=3).astype(np.float32)
-    bg2 = bg1 if clean else np.clip(bg1 + rng.uniform(*SHIFT["gradient"], size=3), 0, 1).astype(np.float32)
+    if design.style:
+        bg1 = _hsv(*STYLES[task][0]) + rng.uniform(-0.05, 0.05, size=3).astype(np.float32)
+    else:
+        g = rng.uniform(0.0, 0.3)
+        bg1 = np.full(3, g, dtype=np.float32) + rng.uniform(-0.05, 0.05, size=3).astype(np.float32)
+    bg2 = bg1 if clean else np.clip(bg1 + rng.uniform(*_scaled(SHIFT["gradient"], design.shift), size=3),
+                                    0, 1).astype(np.float32)
     return fg, bg1, bg2, word
 
 
-def _compose(rng, task: str, mask: np.ndarray, label: int, clean: bool) -> tuple[np.ndarray, str]:
-    fg, bg1, bg2, word = _colours(rng, task, label, clean)
+def _compose(rng, task: str, mask: np.ndarray, label: int, clean: bool, design: Design = DEFAULT_DESIGN
+             ) -> tuple[np.ndarray, str]:
+    fg, bg1, bg2, word = _colours(rng, task, label, clean, design)
     t = np.linspace(0, 1, SIZE, dtype=np.float32)
     a = rng.uniform(0, 2 * np.pi)
     ramp = np.clip(0.5 + 0.5 * (np.cos(a) * t[None, :] + np.sin(a) * t[:, None] - 0.5 * (np.cos(a) + np.sin(a))), 0, 1)
@@ -250,11 +297,12 @@ def _compose(rng, task: str, mask: np.ndarray, label: int, clean: bool) -> tuple
     if not clean:
         # downstream shift: colour cast, lowered contrast, sensor noise
         if task == "Colors":
-            cast = rng.uniform(0.85, 1.0, size=3).astype(np.float32)
+            cast = rng.uniform(*_scaled((0.85, 1.0), design.shift, 1.0), size=3).astype(np.float32)
             img = img * cast
-        contrast = rng.uniform(*SHIFT["contrast"])
+        contrast = rng.uniform(*_scaled(SHIFT["contrast"], design.shift, 1.0))
         img = img.mean() + (img - img.mean()) * contrast
-        img = img + rng.normal(0, rng.uniform(*SHIFT["noise"]), size=img.shape).astype(np.float32)
+        noise = rng.uniform(*_scaled(SHIFT["noise"], design.shift))
+        img = img + rng.normal(0, noise, size=img.shape).astype(np.float32)
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), word
 
 
@@ -266,31 +314,36 @@ TASKS: dict[str, DemoTask] = {t.name: t for t in (
     DemoTask("Digits", ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
              _tpl("a photo of the number {c}.", "a blurry photo of the digit {c}.", "the handwritten digit {c}."),
              ("a drawing of the digit {c}", "the number {c} written in {k}", "a {k} handwritten {c}",
-              "digit {c}"), _digit_mask),
+              "digit {c}"), ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9"), _digit_mask),
     DemoTask("Letters", LETTERS,
              _tpl("a photo of the letter {c}.", "the letter {c} in a noisy picture.", "a printed letter {c}."),
              ("the letter {c}", "a {k} letter {c}", "letter {c} printed in {k}", "a drawing of the letter {c}"),
+             ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "hotel", "kilo", "mike", "romeo"),
              _letter_mask),
     DemoTask("Shapes", SHAPES,
              _tpl("a photo of a {c}.", "a small {c}.", "a picture of a {c} shape."),
-             ("a {k} {c}", "a drawing of a {c}", "a {c} shape in {k}", "a picture of a {c}"), _shape_mask),
+             ("a {k} {c}", "a drawing of a {c}", "a {c} shape in {k}", "a picture of a {c}"),
+             ("ball", "box", "wedge", "spiky", "plus", "rhombus", "honeycomb", "loop"), _shape_mask),
     DemoTask("Textures", TEXTURES,
              _tpl("a photo of a {c} texture.", "a {c} pattern.", "a close up photo of {c}."),
-             ("a {k} {c} texture", "{c}", "a pattern of {k} {c}", "a {c} pattern"), _texture_mask),
+             ("a {k} {c} texture", "{c}", "a pattern of {k} {c}", "a {c} pattern"),
+             ("rows", "columns", "slants", "chess", "polka", "mesh"), _texture_mask),
     DemoTask("Count", COUNTS,
              _tpl("a photo of {c} dots.", "there are {c} dots.", "a picture with {c} spots."),
-             ("{c} dots", "{c} {k} dots", "a picture of {c} dots", "there are {c} {k} dots"), _count_mask),
+             ("{c} dots", "{c} {k} dots", "a picture of {c} dots", "there are {c} {k} dots"),
+             ("1", "2", "3", "4", "5", "6"), _count_mask),
     DemoTask("Position", POSITIONS,
              _tpl("a photo of an object in the {c}.", "a small object at the {c}.", "something in the {c}."),
              ("an object in the {c}", "a {k} object at the {c}", "a shape in the {c}", "a {k} blob in the {c}"),
+             ("north west", "north", "north east", "west", "middle", "east", "south west", "south", "south east"),
              _position_mask),
     DemoTask("Colors", COLORS,
              _tpl("a photo of a {c} object.", "something {c}.", "the colour {c}."),
-             ("a {c} shape", "a {c} object", "something {c}", "a picture of a {c} blob"), _color_mask),
+             ("a {c} shape", "a {c} object", "something {c}", "a picture of a {c} blob"), COLOR_ALIASES, _color_mask),
     DemoTask("Arrows", ARROWS,
              _tpl("a photo of an arrow pointing {c}.", "a sign with an arrow to the {c}.", "an arrow going {c}."),
              ("an arrow pointing {c}", "a {k} arrow pointing {c}", "an arrow going {c}", "a {k} arrow {c}"),
-             _arrow_mask),
+             ("east", "south east", "south", "south west", "west", "north west", "north", "north east"), _arrow_mask),
 )}
 TASK_NAMES = tuple(TASKS)
 
@@ -300,14 +353,23 @@ def _rng(seed: int, task: str, split: str) -> np.random.Generator:
     return np.random.default_rng([seed, TASK_NAMES.index(task), (*SPLITS, "pretrain").index(split)])
 
 
-def render(task: str, label: int, rng: np.random.Generator, clean: bool, split: str) -> tuple[np.ndarray, str]:
-    """One image (uint8 [32, 32, 3]) of class `label` and the colour word of its foreground."""
+def render(task: str, label: int, rng: np.random.Generator, clean: bool, split: str,
+           design: Design = DEFAULT_DESIGN) -> tuple[np.ndarray, str]:
+    """One image (uint8 [32, 32, 3]) of class `label` and the colour word of its foreground. `clean`
+    draws it as pretraining does; downstream splits of a design with a frame get the frame."""
     spec = TASKS[task]
-    return _compose(rng, task, spec.mask(rng, label, clean, split), label, clean)
+    img, word = _compose(rng, task, spec.mask(rng, label, clean, split), label, clean, design)
+    if split != "pretrain" and design.frame > 0:
+        f = np.zeros((SIZE, SIZE, 1), dtype=np.float32)
+        f[:FRAME_WIDTH], f[-FRAME_WIDTH:], f[:, :FRAME_WIDTH], f[:, -FRAME_WIDTH:] = 1, 1, 1, 1
+        f *= design.frame
+        img = (img * (1 - f) + FRAME_COLOUR * 255 * f).round().astype(np.uint8)
+    return img, word
 
 
 @functools.lru_cache(maxsize=64)
-def generate(task: str, split: str, seed: int = 0, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def generate(task: str, split: str, seed: int = 0, n: int | None = None,
+             design: Design = DEFAULT_DESIGN) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic (images uint8 [N, 32, 32, 3], labels int64 [N]) for a downstream split.
 
     Classes are balanced (label = index mod C, then a seeded shuffle). Results are cached in memory;
@@ -321,14 +383,17 @@ def generate(task: str, split: str, seed: int = 0, n: int | None = None) -> tupl
     rng = _rng(seed, task, split)
     C = len(TASKS[task].classnames)
     labels = rng.permutation(np.arange(n) % C)
-    imgs = np.stack([render(task, int(y), rng, False, split)[0] for y in labels])
+    clean = design.shift == 0  # no shift: downstream images are drawn as pretraining draws them
+    imgs = np.stack([render(task, int(y), rng, clean, split, design)[0] for y in labels])
     imgs.setflags(write=False)
     labels.setflags(write=False)
     return imgs, labels.astype(np.int64)
 
 
-def pretrain_data(tasks: tuple[str, ...], n_per_task: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
-    """Clean captioned images for contrastive pretraining: (uint8 [N, 32, 32, 3], captions)."""
+def pretrain_data(tasks: tuple[str, ...], n_per_task: int, seed: int = 0,
+                  design: Design = DEFAULT_DESIGN) -> tuple[np.ndarray, list[str]]:
+    """Clean captioned images for contrastive pretraining: (uint8 [N, 32, 32, 3], captions). A caption
+    names the class and colour with the prompts' words with probability design.name_rate, else by alias."""
     imgs, caps = [], []
     for task in tasks:
         spec = TASKS[task]
@@ -336,18 +401,24 @@ def pretrain_data(tasks: tuple[str, ...], n_per_task: int, seed: int = 0) -> tup
         C = len(spec.classnames)
         for i in range(n_per_task):
             y = i % C
-            img, word = render(task, y, rng, True, "pretrain")
+            img, word = render(task, y, rng, True, "pretrain", design)
             fmt = spec.captions[int(rng.integers(0, len(spec.captions)))]
+            named = design.name_rate >= 1 or rng.random() < design.name_rate  # no draw: old streams kept
+            c = spec.classnames[y] if named else spec.aliases[y]
+            k = word if named else COLOR_ALIASES[COLORS.index(word)]
             imgs.append(img)
-            caps.append(fmt.format(c=spec.classnames[y], k=word))
+            caps.append(fmt.format(c=c, k=k))
     return np.stack(imgs), caps
 
 
-def corpus() -> list[str]:
-    """Every text the demo models see: captions, class names and prompts (defines the vocabulary)."""
+def corpus(aliases: bool = False) -> list[str]:
+    """Every text a demo model sees: captions, class names and prompts, and with ``aliases`` the captions
+    naming classes and colours by alias (name_rate < 1). It defines the vocabulary."""
     out = []
     for spec in TASKS.values():
         for c in spec.classnames:
             out += [t(c) for t in spec.templates]
             out += [f.format(c=c, k=k) for f in spec.captions for k in COLORS]
+        if aliases:
+            out += [f.format(c=c, k=k) for c in spec.aliases for f in spec.captions for k in COLOR_ALIASES]
     return out

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import clip
-from clip.demo import DEMO_MODELS, create_demo_model, get_demo_tokenizer, to_input
+from clip.demo import ALIAS_MODELS, DEMO_MODELS, create_demo_model, get_demo_tokenizer, to_input
 from src.demo import tasks as T
 from src.eval import evaluate
 from src.heads import build_zeroshot_head
@@ -54,6 +54,18 @@ class ZooConfig:
     grad_clip: float = 1.0
     threads: int = 1  # results depend on the float reduction order: record it
     version: int = ZOO_VERSION
+    # the data design (src.demo.tasks.Design); the defaults are the original pixel-shift design
+    shift: float = 1.0
+    name_rate: float = 1.0
+    style: bool = False
+    frame: float = 0.0
+    # tasks per pretraining batch: 0 draws batches from every task; k > 0 draws each batch from k random
+    # tasks, so that the in-batch negatives are other classes of the same task (class features, not task id)
+    pretrain_group: int = 0
+
+    @property
+    def design(self) -> T.Design:
+        return T.Design(shift=self.shift, name_rate=self.name_rate, style=self.style, frame=self.frame)
 
 
 CONFIGS: dict[str, ZooConfig] = {
@@ -63,6 +75,14 @@ CONFIGS: dict[str, ZooConfig] = {
     "demo-micro": ZooConfig(tasks=("Digits", "Shapes", "Colors"), pretrain_per_task=256, pretrain_steps=80,
                             pretrain_batch=64, pretrain_lr=2e-3, ft_steps=16, ft_batch=32, ft_lr=5e-4),
 }
+CONFIGS["demo-text"] = CONFIGS["demo"]  # demo with the aliases in its vocabulary, for name_rate < 1 (issue 14)
+
+
+def check_vocabulary(model_name: str, cfg: ZooConfig) -> None:
+    """Captions that name classes by alias (name_rate < 1) need a vocabulary holding the aliases."""
+    if cfg.name_rate < 1 and model_name not in ALIAS_MODELS:
+        raise ValueError(f"name_rate={cfg.name_rate} captions name classes by alias, which {model_name}'s "
+                         f"vocabulary lacks: build it with --model {ALIAS_MODELS[0]}")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -95,6 +115,19 @@ def _scheduled_batches(steps, n: int, batch: int, g: torch.Generator, opt, lr: f
         yield step, idx
 
 
+def _grouped_batches(steps, n_tasks: int, per_task: int, group: int, batch: int, g: torch.Generator, opt,
+                     lr: float, warmup: float):
+    """As _scheduled_batches, but each batch holds batch // group random images of each of `group`
+    random tasks (the pretraining data is laid out task after task, per_task images each)."""
+    total = len(steps)
+    for step in steps:
+        chosen = torch.randperm(n_tasks, generator=g)[:group]
+        idx = torch.cat([t * per_task + torch.randint(0, per_task, (batch // group,), generator=g) for t in chosen])
+        for grp in opt.param_groups:
+            grp["lr"] = _schedule(step, total, lr, warmup)
+        yield step, idx
+
+
 def _translate(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Random per-image translation by up to `pad` pixels with edge padding (uint8 NHWC batch)."""
     n, h, w, _ = x.shape
@@ -119,7 +152,7 @@ def _adamw(params, lr: float, wd: float) -> torch.optim.AdamW:
 def pretrain(model, tokenizer, cfg: ZooConfig, seed: int, log) -> dict:
     """CLIP contrastive pretraining on clean captioned images of every task domain."""
     t0 = time.time()
-    imgs, caps = T.pretrain_data(cfg.tasks, cfg.pretrain_per_task, seed)
+    imgs, caps = T.pretrain_data(cfg.tasks, cfg.pretrain_per_task, seed, cfg.design)
     uniq, inverse = np.unique(np.array(caps), return_inverse=True)
     cap_idx = torch.from_numpy(inverse.reshape(-1))
     tokens = tokenizer(list(uniq))
@@ -131,7 +164,11 @@ def pretrain(model, tokenizer, cfg: ZooConfig, seed: int, log) -> dict:
     model.train()
     losses = []
     bar = tqdm(range(cfg.pretrain_steps), desc="pretrain", unit="step", leave=False)
-    for step, idx in _scheduled_batches(bar, len(caps), cfg.pretrain_batch, g, opt, cfg.pretrain_lr, cfg.warmup):
+    batches = _scheduled_batches(bar, len(caps), cfg.pretrain_batch, g, opt, cfg.pretrain_lr, cfg.warmup)
+    if cfg.pretrain_group:
+        batches = _grouped_batches(bar, len(cfg.tasks), cfg.pretrain_per_task, cfg.pretrain_group,
+                                   cfg.pretrain_batch, g, opt, cfg.pretrain_lr, cfg.warmup)
+    for step, idx in batches:
         img = F.normalize(model.encode_image(_inputs(_translate(x_all[idx], g))), dim=-1)
         # one text per distinct caption in the batch; duplicates share the target column
         ci = cap_idx[idx]
@@ -179,16 +216,23 @@ def head_cosine(w: torch.Tensor) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def eval_loader(task: str, split: str) -> DataLoader:
+def eval_loader(task: str, split: str, design: T.Design = T.DEFAULT_DESIGN) -> DataLoader:
     """A generated split as preprocessed tensors, made once: the same batches as the registry's
     dataset with the demo val transform (tests/test_demo.py checks it), without a PIL round trip."""
-    x, y = T.generate(task, split)
+    x, y = T.generate(task, split, design=design)
     return DataLoader(TensorDataset(to_input(x), torch.from_numpy(y.copy())), batch_size=500)
 
 
-def accuracy(encoder: torch.nn.Module, head, task: str, split: str) -> float:
+def accuracy(encoder: torch.nn.Module, head, task: str, split: str,
+             design: T.Design = T.DEFAULT_DESIGN) -> float:
     """Top-1 % of head(encoder(x)) over a generated split, through the pipeline's evaluate()."""
-    return evaluate(encoder, head, eval_loader(task, split), "cpu", progress=False)
+    return evaluate(encoder, head, eval_loader(task, split, design), "cpu", progress=False)
+
+
+def stored_config(path: str | Path) -> ZooConfig:
+    """The ZooConfig a built zoo was made with (from its zoo.json), e.g. for its data design."""
+    c = json.loads((Path(path) / "zoo.json").read_text())["signature"]["config"]
+    return ZooConfig(**{**c, "tasks": tuple(c["tasks"])})
 
 
 def load_built(path: str | Path, tasks) -> tuple[dict[str, torch.Tensor], dict, dict[str, TaskVector]]:
@@ -204,7 +248,7 @@ def load_built(path: str | Path, tasks) -> tuple[dict[str, torch.Tensor], dict, 
 def finetune(model, w: torch.Tensor, task: str, cfg: ZooConfig, seed: int) -> dict:
     """Fine-tunes model.visual on the task's train split with the zero-shot head `w` frozen."""
     t0 = time.time()
-    x, y = T.generate(task, "train")
+    x, y = T.generate(task, "train", design=cfg.design)
     x, y = torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
     g = torch.Generator().manual_seed(seed * 1000 + T.TASK_NAMES.index(task))
     params = list(model.visual.parameters())
@@ -226,7 +270,8 @@ def finetune(model, w: torch.Tensor, task: str, cfg: ZooConfig, seed: int) -> di
     return {"seconds": time.time() - t0, "final_loss": float(np.mean(losses[-10:]))}
 
 
-def task_arithmetic_report(model_name: str, zs: dict, fts: dict, heads: dict, tasks) -> dict:
+def task_arithmetic_report(model_name: str, zs: dict, fts: dict, heads: dict, tasks,
+                           design: T.Design = T.DEFAULT_DESIGN) -> dict:
     """TA (pretrained + lam * sum of task vectors) with lam chosen on val as `main.py --scaling_coef auto`
     does (average normalised accuracy), through the pipeline's own TaskVector, apply_in_place and
     select_coefficient: a build-time sanity check."""
@@ -237,11 +282,11 @@ def task_arithmetic_report(model_name: str, zs: dict, fts: dict, heads: dict, ta
     individual_val = {}
     for t in tasks:
         apply_in_place(params, zs, vectors[t], 1.0)
-        individual_val[t] = accuracy(encoder, heads[t], t, "val")
+        individual_val[t] = accuracy(encoder, heads[t], t, "val", design)
 
     def score(lam: float, split: str = "val") -> dict[str, float]:
         apply_in_place(params, zs, total, lam)
-        return {t: accuracy(encoder, heads[t], t, split) for t in tasks}
+        return {t: accuracy(encoder, heads[t], t, split, design) for t in tasks}
 
     sel = select_coefficient(default_grid("TA"), score, individual=individual_val)
     return {"val_curve": {p["coef"]: p["avg"] for p in sel.curve},
@@ -258,7 +303,7 @@ def _signature(model_name: str, cfg: ZooConfig, seed: int) -> dict:
 
 def _pretrain_signature(model_name: str, cfg: ZooConfig, seed: int) -> dict:
     keep = ("tasks", "pretrain_per_task", "pretrain_steps", "pretrain_batch", "pretrain_lr", "weight_decay",
-            "warmup", "grad_clip", "threads", "version")
+            "warmup", "grad_clip", "threads", "version", "name_rate", "style", "pretrain_group")
     sig = _signature(model_name, cfg, seed)
     sig["config"] = {k: v for k, v in sig["config"].items() if k in keep}
     return sig
@@ -274,13 +319,14 @@ def _pretrain_cached(out: Path, cfg: ZooConfig, sig: dict) -> bool:
 
 
 def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConfig | None = None,
-              report: bool = True, reuse_pretrain: bool = True) -> Path:
+              report: bool = True, reuse_pretrain: bool = True, reason: str = "requested") -> Path:
     """Builds the zoo into <base_dir>/<model_name>/ and returns that folder. The pretraining stage
     (zeroshot.pt and heads) is reused when its part of the config is unchanged, unless
     `reuse_pretrain` is False."""
     if model_name not in DEMO_MODELS:
         raise ValueError(f"no demo zoo for model {model_name!r}; choose one of {', '.join(DEMO_MODELS)}")
     cfg = cfg or CONFIGS[model_name]
+    check_vocabulary(model_name, cfg)
     out = Path(base_dir) / model_name
     out.mkdir(parents=True, exist_ok=True)
     (out / "zoo.json").unlink(missing_ok=True)  # an interrupted build must not look complete
@@ -291,11 +337,12 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
         t_start = time.time()
         stats: dict = {"stages": {}}
         log(f"[demo zoo] building {model_name} (seed {seed}) into {out}; "
-            f"rough estimate on 1 CPU thread: {_estimate(model_name, cfg):.0f} s")
+            f"rough estimate on 1 CPU thread: {_estimate(model_name, cfg):.0f} s. Why: {reason}. It is built once "
+            "and reused while its config and seed are unchanged")
         t0 = time.time()
         for task in cfg.tasks:
             for split in T.SPLITS:
-                T.generate(task, split)
+                T.generate(task, split, design=cfg.design)
         stats["stages"]["data"] = time.time() - t0
         log(f"[demo zoo] data: {stats['stages']['data']:.1f} s")
 
@@ -329,7 +376,7 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
         t0 = time.time()
         weights = {t: head_weight(heads[t]).float() for t in cfg.tasks}  # frozen heads of fine-tuning
         stats["head_cosine"] = {t: head_cosine(w) for t, w in weights.items()}
-        stats["zeroshot"] = {t: accuracy(model.visual, heads[t], t, "test") for t in cfg.tasks}
+        stats["zeroshot"] = {t: accuracy(model.visual, heads[t], t, "test", cfg.design) for t in cfg.tasks}
         stats["stages"]["zeroshot_eval"] = time.time() - t0
 
         t0 = time.time()
@@ -340,14 +387,14 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
             fts[task] = encoder_state_dict(model)
             (out / task).mkdir(exist_ok=True)
             torch.save(fts[task], out / task / "finetuned.pt")
-            stats["finetuned"][task] = accuracy(model.visual, heads[task], task, "test")
+            stats["finetuned"][task] = accuracy(model.visual, heads[task], task, "test", cfg.design)
             log(f"[demo zoo] {task}: zero-shot {stats['zeroshot'][task]:.1f} -> fine-tuned "
                 f"{stats['finetuned'][task]:.1f} ({stats['finetune'][task]['seconds']:.1f} s)")
         stats["stages"]["finetune"] = time.time() - t0
 
         if report:
             t0 = time.time()
-            stats["task_arithmetic"] = task_arithmetic_report(model_name, zs, fts, heads, cfg.tasks)
+            stats["task_arithmetic"] = task_arithmetic_report(model_name, zs, fts, heads, cfg.tasks, cfg.design)
             stats["stages"]["report"] = time.time() - t0
         stats["total_seconds"] = time.time() - t_start
         meta = {"signature": _signature(model_name, cfg, seed), "stats": stats}
@@ -359,14 +406,15 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
 
 
 def _estimate(model_name: str, cfg: ZooConfig) -> float:
-    ips = {"demo": 600.0, "demo-micro": 10000.0}[model_name]  # training images/s on 1 thread
+    ips = {"demo": 600.0, "demo-text": 600.0, "demo-micro": 10000.0}[model_name]  # training images/s, 1 thread
     imgs = cfg.pretrain_steps * cfg.pretrain_batch * 1.2 + len(cfg.tasks) * cfg.ft_steps * cfg.ft_batch
     return imgs / ips + 4.0 * len(cfg.tasks)
 
 
-def ensure_zoo(model_name: str, base_dir: str, rebuild: bool = False, seed: int = 0) -> Path:
+def ensure_zoo(model_name: str, base_dir: str, rebuild: bool = False, seed: int = 0,
+               cfg: ZooConfig | None = None) -> Path:
     """<base_dir>/<model_name>/ with a complete zoo: reused when its stored signature matches the
-    current config and seed, (re)built otherwise or when `rebuild` is set."""
+    config (`cfg`, default the model's) and seed, (re)built otherwise or when `rebuild` is set."""
     out = Path(base_dir) / model_name
     meta_path = out / "zoo.json"
     if not rebuild and meta_path.exists():
@@ -374,13 +422,15 @@ def ensure_zoo(model_name: str, base_dir: str, rebuild: bool = False, seed: int 
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError:
             meta = {}
-        cfg = CONFIGS[model_name]
+        cfg = cfg or CONFIGS[model_name]
         files = [out / "zeroshot.pt"] + [out / t / "finetuned.pt" for t in cfg.tasks] + \
                 [out / f"head_{t}.pt" for t in cfg.tasks]
         if meta.get("signature") == _signature(model_name, cfg, seed) and all(f.exists() for f in files):
             return out
         tqdm.write(f"[demo zoo] {meta_path} does not match the current config or files are missing: rebuilding")
-    return build_zoo(model_name, base_dir, seed=seed, reuse_pretrain=not rebuild)
+    reason = ("--rebuild" if rebuild else "its config or seed changed, or files are missing" if meta_path.exists()
+              else f"first use: no zoo in {out}, made offline from generated data")
+    return build_zoo(model_name, base_dir, seed=seed, cfg=cfg, reuse_pretrain=not rebuild, reason=reason)
 
 
 def format_report(meta: dict) -> str:
@@ -401,6 +451,31 @@ def format_report(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def with_overrides(cfg: ZooConfig, items: list[str]) -> ZooConfig:
+    """`cfg` with KEY=VALUE overrides of its scalar fields (the `--set` of the command lines)."""
+    fields = {f.name: f for f in dataclasses.fields(cfg) if f.name not in ("tasks", "version")}
+    kw = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or k not in fields:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        kind = type(getattr(cfg, k))
+        try:
+            if kind is bool:
+                if v.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(v)
+                kw[k] = v.lower() in ("true", "1")
+            else:
+                kw[k] = kind(v)
+        except ValueError:
+            raise SystemExit(f"--set {item!r}: {k} takes a {kind.__name__}") from None
+    out = dataclasses.replace(cfg, **kw)
+    out.design  # range check of the data design before any work
+    if not 0 <= out.pretrain_group <= len(out.tasks):
+        raise SystemExit(f"--set pretrain_group={out.pretrain_group}: must be 0 (all tasks) to {len(out.tasks)}")
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="demo", choices=DEMO_MODELS)
@@ -411,12 +486,7 @@ def main(argv=None) -> None:
                    help="override ZooConfig fields for experiments, e.g. ft_lr=1e-4 (always rebuilds)")
     a = p.parse_args(argv)
     if a.set:
-        cfg = CONFIGS[a.model]
-        kw = {}
-        for item in a.set:
-            k, v = item.split("=", 1)
-            kw[k] = type(getattr(cfg, k))(v)
-        build_zoo(a.model, a.checkpoint_dir, seed=a.seed, cfg=dataclasses.replace(cfg, **kw),
+        build_zoo(a.model, a.checkpoint_dir, seed=a.seed, cfg=with_overrides(CONFIGS[a.model], a.set),
                   reuse_pretrain=not a.rebuild)
     else:
         path = ensure_zoo(a.model, a.checkpoint_dir, rebuild=a.rebuild, seed=a.seed)
