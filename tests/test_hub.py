@@ -31,9 +31,9 @@ TASKS = ["MNIST", "EuroSAT"]
 
 def demo_micro_clip_config(text_act: str = "quick_gelu"):
     """A transformers CLIPConfig with the sizes of the `demo-micro` open_clip model."""
-    from clip.demo import _tokenizer
+    from clip.demo import get_demo_tokenizer
 
-    vocab = _tokenizer().vocab_size
+    vocab = get_demo_tokenizer("demo-micro").vocab_size
     vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, patch_size=8,
                   image_size=32, hidden_act="quick_gelu")
     text = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=vocab,
