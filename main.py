@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-datasets", default=None, help="datasets to evaluate (default: the merged tasks)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     p.add_argument("--batch-size", type=_int_from(1), default=128)
-    p.add_argument("--num-workers", type=_int_from(0), default=2)
+    p.add_argument("--num-workers", type=_int_from(0), default=None,
+                   help="data-loading processes (default 2; 0 for demo models, whose data are in memory)")
     p.add_argument("--download", action="store_true",
                    help="allow the network (never used silently): torchvision datasets it can fetch, and with "
                         "--source/--data-source hf the hub's checkpoints and datasets")
@@ -500,6 +501,8 @@ def run(args) -> dict:
     utils.seed_everything(args.seed)
     args.device_obj = pick_device(args.device)
     args.data_location = args.data_location or os.path.join(args.base_dir, "data")
+    if args.num_workers is None:  # worker processes only add start-up time to generated in-memory data
+        args.num_workers = 0 if args.model.startswith("demo") and args.data_source == "local" else 2
     set_split_folders(split_folders(args.split_folder))  # before any dataset is read
     utils.read_json(individual_path(args), {})  # a damaged cache stops the run before any work
     if args.data_source == "hf":  # the registry's builders read FusionBench's hub datasets (src/datasets/hf_sets.py)

@@ -16,10 +16,7 @@ import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.tokenizer import SimpleTokenizer
 
-DEMO_MODELS = ("demo", "demo-micro", "demo-text")
-# demo-text: the demo architecture whose vocabulary also holds the class aliases of the text-side designs
-# (zoo field name_rate < 1, issue 14); kept apart so that demo's vocabulary, hence its zoo, stays as it was
-ALIAS_MODELS = ("demo-text",)
+DEMO_MODELS = ("demo", "demo-micro")
 CONTEXT_LENGTH = 16
 IMAGE_SIZE = 32
 MEAN = (0.5, 0.5, 0.5)
@@ -33,7 +30,6 @@ _CONFIGS = {
     "demo-micro": (16, dict(layers=1, width=32, head_width=16, patch_size=8, image_size=IMAGE_SIZE),
                    dict(context_length=CONTEXT_LENGTH, width=32, heads=2, layers=1)),
 }
-_CONFIGS["demo-text"] = _CONFIGS["demo"]
 
 
 def _check(name: str) -> None:
@@ -70,16 +66,16 @@ class DemoTokenizer:
         return out
 
 
-@functools.lru_cache(maxsize=2)
-def _tokenizer(aliases: bool) -> DemoTokenizer:
+@functools.lru_cache(maxsize=1)
+def _tokenizer() -> DemoTokenizer:
     from src.demo.tasks import corpus  # the vocabulary is that of the demo texts
-    return DemoTokenizer(corpus(aliases))
+    return DemoTokenizer(corpus())
 
 
 def get_demo_tokenizer(name: str) -> DemoTokenizer:
     """Tokenizer of a demo model: callable(str | list[str]) -> LongTensor [N, 16]."""
     _check(name)
-    return _tokenizer(name in ALIAS_MODELS)
+    return _tokenizer()
 
 
 def create_demo_model(name: str) -> CLIP:

@@ -46,7 +46,7 @@ def test_digit_splits_use_disjoint_source_images():
 
 
 def test_pretraining_captions_name_the_class():
-    imgs, caps = T.pretrain_data(("Shapes",), 16, seed=0)
+    imgs, caps = T.pretrain_data(("Shapes",), 16, seed=0, design=dataclasses.replace(T.DEFAULT_DESIGN, name_rate=1.0, unnamed=0.0))
     assert imgs.shape == (16, 32, 32, 3)
     assert all(any(c in cap for c in T.SHAPES) for cap in caps)
 
@@ -272,20 +272,26 @@ def test_interference_probes_agree_with_the_build_report(micro_zoo):
 ORIGINAL_DIGITS_TRAIN, ORIGINAL_PRETRAIN = "f52b5985b6d4", "1544aea5edc4"  # made by commit d67b623
 
 
-def test_default_design_is_the_original_data():
-    x0, y0 = T.generate.__wrapped__("Colors", "val", 0, 12)
-    original = T.Design(shift=1.0, name_rate=1.0, style=False, frame=0.0)
-    x1, y1 = T.generate.__wrapped__("Colors", "val", 0, 12, original)
-    assert np.array_equal(x0, x1) and np.array_equal(y0, y1)
-    # digests of the data made by the code before the design fields existed (commit d67b623): the default
-    # zoo, and every figure measured on it, must stay reproducible
+def test_original_design_is_the_original_data():
+    # digests of the data made by the code before the design fields existed (commit d67b623): the first
+    # design, and every figure the README reports on it, must stay reproducible
     import hashlib
 
     digest = lambda a: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:12]  # noqa: E731
-    assert digest(T.generate.__wrapped__("Digits", "train", 0, 64)[0]) == ORIGINAL_DIGITS_TRAIN
-    assert digest(T.pretrain_data(("Shapes", "Colors"), 32, seed=0)[0]) == ORIGINAL_PRETRAIN
-    _, caps = T.pretrain_data(("Letters",), 20, seed=0)
+    original = T.ORIGINAL_DESIGN
+    assert digest(T.generate.__wrapped__("Digits", "train", 0, 64, original)[0]) == ORIGINAL_DIGITS_TRAIN
+    assert digest(T.pretrain_data(("Shapes", "Colors"), 32, seed=0, design=original)[0]) == ORIGINAL_PRETRAIN
+    _, caps = T.pretrain_data(("Letters",), 20, seed=0, design=original)
     assert all(any(f" {c}" in cap for c in T.LETTERS) for cap in caps)
+
+
+def test_every_demo_zoo_uses_the_default_design():
+    """main.py evaluates a demo zoo on the registry's datasets, which are made with the default design."""
+    from src.datasets.demo import GeneratedDataset
+
+    assert all(cfg.design == T.DEFAULT_DESIGN for cfg in zoo.CONFIGS.values())
+    x, _ = T.generate("Shapes", "test", design=zoo.CONFIGS["demo"].design)
+    assert np.array_equal(GeneratedDataset("Shapes", "test").images, x)
 
 
 def test_name_rate_moves_class_names_to_aliases():
@@ -294,21 +300,21 @@ def test_name_rate_moves_class_names_to_aliases():
     assert not any(c in cap for cap in caps for c in spec.classnames)
     assert not any(k in cap.split() for cap in caps for k in T.COLORS)  # colour words are class names of Colors
     assert all(any(a in cap for a in spec.aliases) for cap in caps)
-    _, some = T.pretrain_data(("Shapes",), 400, seed=0, design=T.Design(name_rate=0.25))
+    _, some = T.pretrain_data(("Shapes",), 400, seed=0, design=T.Design(name_rate=0.25, unnamed=0.0))
     named = np.mean([any(c in cap for c in spec.classnames) for cap in some])
     assert 0.15 < named < 0.35
-    tok = get_demo_tokenizer("demo-text")  # demo keeps the original vocabulary
+    tok = get_demo_tokenizer("demo")
     assert not (tok(caps) == 1).any(), "an alias caption has a word piece outside the vocabulary"
 
 
 def test_shift_zero_draws_downstream_like_pretraining_and_style_gives_each_task_its_statistics():
     # no shift: downstream backgrounds are flat like pretraining (no gradient, no noise)
-    plain = T.Design(shift=0.0)
+    plain = dataclasses.replace(T.ORIGINAL_DESIGN, shift=0.0)
     x, _ = T.generate.__wrapped__("Shapes", "val", 0, 16, plain)
-    xs, _ = T.generate.__wrapped__("Shapes", "val", 0, 16)
+    xs, _ = T.generate.__wrapped__("Shapes", "val", 0, 16, T.ORIGINAL_DESIGN)
     corner = lambda a: a[:, :3, :3].reshape(len(a), -1, 3).astype(float).std(1).mean()  # noqa: E731
     assert corner(x) < 1.0 < corner(xs)
-    styled = T.Design(shift=0.0, style=True)
+    styled = dataclasses.replace(plain, style=True)
     means = {t: T.generate.__wrapped__(t, "val", 0, 16, styled)[0][:, 0, 0].mean(0) for t in ("Letters", "Count")}
     assert np.abs(means["Letters"] - means["Count"]).max() > 150  # paper-white against black
     pre, _ = T.pretrain_data(("Letters",), 16, seed=0, design=styled)
@@ -321,6 +327,52 @@ def test_frame_is_downstream_only():
     assert (x[:, 0, :] == [255, 0, 255]).all() and (x[:, :, -1] == [255, 0, 255]).all()
     pre, _ = T.pretrain_data(("Digits",), 8, seed=0, design=d)
     assert not (pre[:, 0, :] == [255, 0, 255]).all(-1).any()
+
+
+def test_centred_glyphs_sit_at_the_centre():
+    d = dataclasses.replace(T.DEFAULT_DESIGN, centred=True)
+    yy, xx = np.mgrid[0:32, 0:32]
+    for mask in (T._digit_mask, T._letter_mask, T._shape_mask):
+        rng = np.random.default_rng(0)
+        for label in range(4):
+            m = mask(rng, label, True, "train", d.centred)
+            cy, cx = (m * yy).sum() / m.sum(), (m * xx).sum() / m.sum()
+            assert abs(cy - 15.5) < 4 and abs(cx - 15.5) < 4 and m.sum() > 60, mask.__name__
+
+
+def test_tint_and_hue_drift_are_downstream_only():
+    base = dataclasses.replace(T.DEFAULT_DESIGN, tint=0.0, hue_drift=0.0, frame=0.0)
+    tinted = dataclasses.replace(base, tint=0.5)
+    x0, _ = T.generate.__wrapped__("Shapes", "val", 0, 16, base)
+    x1, _ = T.generate.__wrapped__("Shapes", "val", 0, 16, tinted)
+    # every pixel half way to magenta
+    want = x0 * 0.5 + np.array([255, 0, 255]) * 0.5
+    assert np.abs(x1 - want).max() <= 1
+    p0, c0 = T.pretrain_data(("Shapes", "Colors"), 16, seed=0, design=base)
+    p1, c1 = T.pretrain_data(("Shapes", "Colors"), 16, seed=0, design=dataclasses.replace(tinted, hue_drift=20))
+    assert np.array_equal(p0, p1) and c0 == c1
+    # the Colors hues of the downstream splits turn by hue_drift degrees
+    import colorsys
+
+    def hue(design):
+        x, y = T.generate.__wrapped__("Colors", "val", 0, 64, design)
+        m = x.reshape(len(x), -1, 3).astype(float)
+        fg = m[np.arange(len(m)), m.sum(-1).argmax(1)] / 255  # the brightest pixel is foreground
+        return np.array([colorsys.rgb_to_hsv(*p)[0] * 360 for p in fg]), y
+
+    h0, y = hue(base)
+    h1, _ = hue(dataclasses.replace(base, hue_drift=20))
+    turn = (h1 - h0 + 180) % 360 - 180
+    assert 15 < np.median(turn) < 25
+
+
+def test_unnamed_classes_are_never_named_in_captions():
+    d = dataclasses.replace(T.DEFAULT_DESIGN, name_rate=1.0, unnamed=0.5)
+    _, caps = T.pretrain_data(("Digits", "Colors"), 200, seed=0, design=d)
+    words = {w.strip(".") for cap in caps for w in cap.split()}
+    assert {"zero", "one", "two", "three", "four"} <= words and not words & {"five", "six", "seven", "eight", "nine"}
+    assert {"red", "orange", "yellow", "green"} <= words and not words & {"cyan", "blue", "purple", "pink"}
+    assert {"5", "9", "navy", "rose"} <= words  # they are shown under their aliases
 
 
 def test_design_and_overrides_are_checked_before_any_work():
@@ -417,14 +469,12 @@ def test_grouped_pretraining_batches_hold_images_of_few_tasks():
         zoo.with_overrides(zoo.CONFIGS["demo-micro"], ["pretrain_group=4"])
 
 
-def test_alias_vocabulary_is_kept_out_of_demo_and_needed_for_name_rate_below_one(tmp_path):
-    """demo's vocabulary (hence its zoo) stays the original one; the alias captions of name_rate < 1
-    need demo-text, whose vocabulary holds them (no alias word piece falls back to 'unknown')."""
+def test_every_demo_vocabulary_holds_the_aliases():
+    """Captions that name classes by alias (name_rate < 1) are tokenised without 'unknown' word pieces by
+    every demo model."""
     import clip.demo as D
 
     assert D.get_demo_tokenizer("demo").vocab_size == D.get_demo_tokenizer("demo-micro").vocab_size
-    assert D.get_demo_tokenizer("demo-text").vocab_size > D.get_demo_tokenizer("demo").vocab_size
-    alias_captions = T.corpus(aliases=True)[len(T.corpus()):]
-    assert alias_captions and not (D.get_demo_tokenizer("demo-text")(alias_captions) == D.UNK_ID).any()
-    with pytest.raises(ValueError, match="--model demo-text"):
-        zoo.build_zoo("demo-micro", tmp_path, cfg=dataclasses.replace(zoo.CONFIGS["demo-micro"], name_rate=0.5))
+    alias_captions = [f.format(c=c, k=k) for spec in T.TASKS.values() for c in spec.aliases
+                      for f in spec.captions for k in T.COLOR_ALIASES]
+    assert not (D.get_demo_tokenizer("demo-micro")(alias_captions) == D.UNK_ID).any()

@@ -41,5 +41,4 @@ for _task in T.TASK_NAMES:
     _spec = T.TASKS[_task]
     register_dataset(_task, _builder(_task), list(_spec.classnames), list(_spec.templates), val_from_train=False)
 register_task_set("demo", list(T.TASK_NAMES))
-register_task_set("demo-text", list(T.TASK_NAMES))  # demo with the alias vocabulary (issue 14 designs)
 register_task_set("demo-micro", list(MICRO_TASKS))

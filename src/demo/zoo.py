@@ -28,14 +28,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import clip
-from clip.demo import ALIAS_MODELS, DEMO_MODELS, create_demo_model, get_demo_tokenizer, to_input
+from clip.demo import DEMO_MODELS, create_demo_model, get_demo_tokenizer, to_input
 from src.demo import tasks as T
 from src.eval import evaluate
 from src.heads import build_zeroshot_head
 from src.task_vectors import TaskVector
 from src.tuning import apply_in_place, default_grid, select_coefficient
 
-ZOO_VERSION = 1  # bump when generated data or the recipe change in a way the config does not capture
+ZOO_VERSION = 2  # 2: the issue-14 data design and vocabulary. Bump when generated data or the recipe change in a way the config does not capture
 HEAD_SCALE = 100.0  # exp(logit_scale) of the released heads, as OpenAI CLIP's final value
 
 
@@ -54,35 +54,31 @@ class ZooConfig:
     grad_clip: float = 1.0
     threads: int = 1  # results depend on the float reduction order: record it
     version: int = ZOO_VERSION
-    # the data design (src.demo.tasks.Design); the defaults are the original pixel-shift design
-    shift: float = 1.0
-    name_rate: float = 1.0
-    style: bool = False
-    frame: float = 0.0
+    # the data design: the fields of src.demo.tasks.Design, with its defaults
+    shift: float = T.DEFAULT_DESIGN.shift
+    name_rate: float = T.DEFAULT_DESIGN.name_rate
+    style: bool = T.DEFAULT_DESIGN.style
+    frame: float = T.DEFAULT_DESIGN.frame
+    tint: float = T.DEFAULT_DESIGN.tint
+    hue_drift: float = T.DEFAULT_DESIGN.hue_drift
+    unnamed: float = T.DEFAULT_DESIGN.unnamed
+    centred: bool = T.DEFAULT_DESIGN.centred
     # tasks per pretraining batch: 0 draws batches from every task; k > 0 draws each batch from k random
     # tasks, so that the in-batch negatives are other classes of the same task (class features, not task id)
     pretrain_group: int = 0
 
     @property
     def design(self) -> T.Design:
-        return T.Design(shift=self.shift, name_rate=self.name_rate, style=self.style, frame=self.frame)
+        return T.Design(**{f.name: getattr(self, f.name) for f in dataclasses.fields(T.Design)})
 
 
 CONFIGS: dict[str, ZooConfig] = {
     "demo": ZooConfig(tasks=T.TASK_NAMES, pretrain_per_task=6000, pretrain_steps=900, pretrain_batch=256,
-                      pretrain_lr=1.5e-3, ft_steps=200, ft_batch=64, ft_lr=5e-4),
+                      pretrain_lr=1.5e-3, ft_steps=200, ft_batch=64, ft_lr=1e-4),
     # plumbing only (tests, CI): seconds to build, accuracy not meaningful
     "demo-micro": ZooConfig(tasks=("Digits", "Shapes", "Colors"), pretrain_per_task=256, pretrain_steps=80,
                             pretrain_batch=64, pretrain_lr=2e-3, ft_steps=16, ft_batch=32, ft_lr=5e-4),
 }
-CONFIGS["demo-text"] = CONFIGS["demo"]  # demo with the aliases in its vocabulary, for name_rate < 1 (issue 14)
-
-
-def check_vocabulary(model_name: str, cfg: ZooConfig) -> None:
-    """Captions that name classes by alias (name_rate < 1) need a vocabulary holding the aliases."""
-    if cfg.name_rate < 1 and model_name not in ALIAS_MODELS:
-        raise ValueError(f"name_rate={cfg.name_rate} captions name classes by alias, which {model_name}'s "
-                         f"vocabulary lacks: build it with --model {ALIAS_MODELS[0]}")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -279,19 +275,25 @@ def task_arithmetic_report(model_name: str, zs: dict, fts: dict, heads: dict, ta
     params = encoder.state_dict()
     vectors = {t: TaskVector(zs, fts[t]).materialize() for t in tasks}
     total = sum(vectors.values())
+    grid = default_grid("TA")
+    bar = tqdm(total=len(tasks) + len(grid) + 2, desc="report (TA, lambda on val)", unit="model", leave=False)
     individual_val = {}
     for t in tasks:
         apply_in_place(params, zs, vectors[t], 1.0)
         individual_val[t] = accuracy(encoder, heads[t], t, "val", design)
+        bar.update()
 
     def score(lam: float, split: str = "val") -> dict[str, float]:
         apply_in_place(params, zs, total, lam)
+        bar.update()
         return {t: accuracy(encoder, heads[t], t, split, design) for t in tasks}
 
-    sel = select_coefficient(default_grid("TA"), score, individual=individual_val)
-    return {"val_curve": {p["coef"]: p["avg"] for p in sel.curve},
-            "val_curve_normalized": {p["coef"]: p["normalized"] for p in sel.curve},
-            "best_lambda": sel.best, "ta_0.3": score(0.3, "test"), "ta_val_tuned": score(sel.best, "test")}
+    sel = select_coefficient(grid, score, individual=individual_val)
+    out = {"val_curve": {p["coef"]: p["avg"] for p in sel.curve},
+           "val_curve_normalized": {p["coef"]: p["normalized"] for p in sel.curve},
+           "best_lambda": sel.best, "ta_0.3": score(0.3, "test"), "ta_val_tuned": score(sel.best, "test")}
+    bar.close()
+    return out
 
 
 # ----------------------------------------------------------------------------- build / reuse
@@ -303,7 +305,8 @@ def _signature(model_name: str, cfg: ZooConfig, seed: int) -> dict:
 
 def _pretrain_signature(model_name: str, cfg: ZooConfig, seed: int) -> dict:
     keep = ("tasks", "pretrain_per_task", "pretrain_steps", "pretrain_batch", "pretrain_lr", "weight_decay",
-            "warmup", "grad_clip", "threads", "version", "name_rate", "style", "pretrain_group")
+            "warmup", "grad_clip", "threads", "version", "name_rate", "style", "pretrain_group", "centred",
+            "unnamed")
     sig = _signature(model_name, cfg, seed)
     sig["config"] = {k: v for k, v in sig["config"].items() if k in keep}
     return sig
@@ -326,7 +329,6 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
     if model_name not in DEMO_MODELS:
         raise ValueError(f"no demo zoo for model {model_name!r}; choose one of {', '.join(DEMO_MODELS)}")
     cfg = cfg or CONFIGS[model_name]
-    check_vocabulary(model_name, cfg)
     out = Path(base_dir) / model_name
     out.mkdir(parents=True, exist_ok=True)
     (out / "zoo.json").unlink(missing_ok=True)  # an interrupted build must not look complete
@@ -340,7 +342,7 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
             f"rough estimate on 1 CPU thread: {_estimate(model_name, cfg):.0f} s. Why: {reason}. It is built once "
             "and reused while its config and seed are unchanged")
         t0 = time.time()
-        for task in cfg.tasks:
+        for task in tqdm(cfg.tasks, desc="generate data", unit="task", leave=False):
             for split in T.SPLITS:
                 T.generate(task, split, design=cfg.design)
         stats["stages"]["data"] = time.time() - t0
@@ -406,7 +408,7 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
 
 
 def _estimate(model_name: str, cfg: ZooConfig) -> float:
-    ips = {"demo": 600.0, "demo-text": 600.0, "demo-micro": 10000.0}[model_name]  # training images/s, 1 thread
+    ips = {"demo": 600.0, "demo-micro": 10000.0}[model_name]  # training images/s, 1 thread
     imgs = cfg.pretrain_steps * cfg.pretrain_batch * 1.2 + len(cfg.tasks) * cfg.ft_steps * cfg.ft_batch
     return imgs / ips + 4.0 * len(cfg.tasks)
 
