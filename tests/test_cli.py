@@ -223,26 +223,18 @@ def test_nan_on_a_validation_split_never_reaches_the_logs(workdir, monkeypatch):
     assert not list(folder.rglob("log_*")) and not (folder / "demo-micro" / "results.jsonl").exists()
 
 
-def test_errors_raised_deep_inside_are_one_line(workdir, monkeypatch):
+@pytest.mark.parametrize("exc, match", [
+    (SystemExit("no fine-tuned checkpoint for X"), "^error: no fine-tuned checkpoint for X$"),
+    (PermissionError(13, "Permission denied", "logs/x"), r"^error: \[Errno 13\] Permission denied: 'logs/x'$"),
+    (DatasetNotFoundError("Digits: no data under data/digits; download it with --download"),
+     "^error: Digits: no data under data/digits; download it with --download$"),
+])
+def test_errors_raised_deep_inside_are_one_line(workdir, monkeypatch, exc, match):
     def deep(*args, **kwargs):
-        raise SystemExit("no fine-tuned checkpoint for X")
+        raise exc
 
     monkeypatch.setattr(main, "evaluate", deep)
-    with pytest.raises(SystemExit, match="^error: no fine-tuned checkpoint for X$"):
-        cli(workdir, "--merge", "zeroshot")
-
-    def denied(*args, **kwargs):
-        raise PermissionError(13, "Permission denied", "logs/x")
-
-    monkeypatch.setattr(main, "evaluate", denied)
-    with pytest.raises(SystemExit, match=r"^error: \[Errno 13\] Permission denied: 'logs/x'$"):
-        cli(workdir, "--merge", "zeroshot")
-
-    def no_data(*args, **kwargs):
-        raise DatasetNotFoundError("Digits: no data under data/digits; download it with --download")
-
-    monkeypatch.setattr(main, "evaluate", no_data)
-    with pytest.raises(SystemExit, match="^error: Digits: no data under data/digits; download it with --download$"):
+    with pytest.raises(SystemExit, match=match):
         cli(workdir, "--merge", "zeroshot")
 
 
