@@ -1,25 +1,30 @@
 """Merge methods: each turns K task vectors into one merged task vector.
 
-Every method has the signature ``fn(task_vector_avg, task_vectors, config) -> TaskVector``
-(the extension recipe of the official SVC code). ``config`` is any object with
-attributes (an argparse Namespace, ``types.SimpleNamespace()``); a missing or ``None``
-attribute takes the default declared in the method's keyword-only parameters below,
-which reproduce the official SVC runs. The returned update already carries the
-method's own coefficient (``scaling_coef``), so it is applied with coefficient 1.
+A method is one function registered with ``@merge_method``. Its signature is the official
+SVC code's ``fn(task_vector_avg, task_vectors, config) -> TaskVector`` once registered;
+the function itself takes its options as keyword-only parameters with their defaults,
+which reproduce the official SVC runs. Everything the rest of the code needs to know about
+a method (accepted spellings, paper, coefficient grid, SVC's default alpha, whether it
+merges key by key) is declared in the decorator, with defaults that fit a TA-like method,
+so ``@merge_method("MyMerge")`` is enough (docs/adding-a-method.md).
+
+``config`` is any object with attributes (``types.SimpleNamespace(scaling_coef=0.5)``); a
+missing or ``None`` attribute takes the declared default. A keyword-only parameter named
+``device`` is not an option: it receives the run's compute device (``config.device``).
+The returned update already carries the method's own coefficient (``scaling_coef``), so it
+is applied with coefficient 1.
 
 Task vectors holding NaN or inf are refused with an error naming the task and the key:
-in-memory ones before any work, lazy ones as each tensor is read.
-
-Methods walk the parameters one key at a time and read only that key of each task
-vector, so lazy task vectors (``TaskVector(path, path)``) never load K full models.
-To add a method: write ``def my_method(avg, tvs, *, scaling_coef=1.0, my_opt=...)``
-and decorate it with ``@merge_method("NAME")``.
+in-memory ones before any work, lazy ones as each tensor is read. Methods walk the
+parameters one key at a time and read only that key of each task vector, so lazy task
+vectors never load K full models.
 """
 from __future__ import annotations
 
 import functools
 import inspect
 import re
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -28,32 +33,72 @@ from torch import Tensor
 from src.linalg import KEY_FILTERS, compute_device, polar, svd
 from src.task_vectors import TaskVector, check_same_keys, require_finite
 
-MERGE_METHODS: dict[str, Callable] = {}
+RUNTIME_PARAMETERS = ("device",)  # supplied by the run, not options: never logged, never flags
+GRIDS = ("ta", "spectral")  # coefficient-grid families of src.tuning
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the registry knows about a method; ``@merge_method`` fills it in."""
+
+    name: str
+    fn: Callable  # the registered function, official signature
+    options: dict[str, object]  # keyword-only parameters -> defaults (None: computed from K, see the docstring)
+    aliases: tuple[str, ...] = ()
+    paper: str = ""
+    url: str = ""
+    grid: str = "ta"  # coefficient grid of --scaling_coef auto: "ta" (0.05..1) or "spectral" (0.1..3)
+    svc_alpha: float | None = None  # SVC's default floor; None: 1/K, the paper's
+    per_key: bool | Callable[[dict], bool] = False  # merged key depends on that key alone (given the options)
+    doc: str = field(default="", repr=False)
+
+    def default_alpha(self, num_tasks: int) -> float:
+        return 1.0 / num_tasks if self.svc_alpha is None else float(self.svc_alpha)
+
+    def merges_key_by_key(self, options: dict | None = None) -> bool:
+        """Whether merging a subset of the keys gives those keys' values of a full merge."""
+        if callable(self.per_key):
+            return bool(self.per_key({**self.options, **(options or {})}))
+        return self.per_key
+
+
+METHODS: dict[str, MethodInfo] = {}
+MERGE_METHODS: dict[str, Callable] = {}  # name -> fn(task_vector_avg, task_vectors, config), what main.py calls
 METHOD_OPTIONS: dict[str, dict[str, object]] = {}  # name -> {option: default}
 
 
-def _canonical(name: str) -> str:
-    return re.sub(r"[\s_\-]", "", name).lower()
+def _normalise(name: str) -> str:
+    return re.sub(r"[\s_\-]", "", str(name)).lower()
 
 
-ALIASES = {"average": "WA", "avg": "WA", "weightaverage": "WA", "taskarithmetic": "TA", "sum": "TA"}
+def canonical_name(name: str, strict: bool = True) -> str:
+    """The registry name of any accepted spelling: case, spaces, '-' and '_' do not matter and
+    declared aliases count (``iso_c`` -> ``Iso-C``, ``TSVM`` -> ``TSV-M``, ``average`` -> ``WA``).
+    An unknown name raises KeyError listing the valid ones, or comes back unchanged with
+    ``strict=False`` (results tables hold reference rows such as ``zeroshot``)."""
+    wanted = _normalise(name)
+    for info in METHODS.values():
+        if wanted == _normalise(info.name) or wanted in map(_normalise, info.aliases):
+            return info.name
+    if not strict:
+        return name
+    raise KeyError(f"unknown merge method {name!r}; valid: {', '.join(METHODS)}")
+
+
+def same_method(a: str, b: str) -> bool:
+    """Whether two logged or typed names are the same method (``ISO-C`` = ``Iso-C`` = ``iso_c``;
+    names the registry does not know, such as ``zeroshot``, compare by the same spelling rules)."""
+    return _normalise(canonical_name(a, strict=False)) == _normalise(canonical_name(b, strict=False))
+
+
+def method_info(name: str) -> MethodInfo:
+    """The registry entry of any accepted spelling (KeyError for an unknown one)."""
+    return METHODS[canonical_name(name)]
 
 
 def get_merge_method(name: str) -> Callable:
-    """Case-insensitive lookup that accepts the spellings people type (``ISO-C``,
-    ``iso_c``, ``TSVM``, ``tsv-m``). Unknown names list the valid ones."""
-    wanted = _canonical(name)
-    for registered in MERGE_METHODS:
-        if _canonical(registered) == wanted:
-            return MERGE_METHODS[registered]
-    if wanted in ALIASES:
-        return MERGE_METHODS[ALIASES[wanted]]
-    raise KeyError(f"unknown merge method {name!r}; valid: {', '.join(MERGE_METHODS)}")
-
-
-def canonical_name(name: str) -> str:
-    """Registry name for any accepted spelling, e.g. ``iso_c`` -> ``Iso-C``."""
-    return get_merge_method(name).merge_name
+    """The registered function of any accepted spelling, e.g. ``get_merge_method("iso_c")``."""
+    return method_info(name).fn
 
 
 def _options(defaults: dict[str, object], config) -> dict[str, object]:
@@ -62,16 +107,33 @@ def _options(defaults: dict[str, object], config) -> dict[str, object]:
 
 def resolve_options(name: str, config=None) -> dict[str, object]:
     """The method's options: the config's value where set, else the declared default."""
-    return _options(METHOD_OPTIONS[canonical_name(name)], config)
+    return _options(method_info(name).options, config)
 
 
-def merge_method(name: str):
-    """Register ``impl(task_vector_avg, task_vectors, *, options...)`` under ``name``; its
-    keyword-only parameters are the method's options (config attribute names) and defaults."""
+def merge_method(name: str, *, aliases: Sequence[str] = (), paper: str = "", url: str = "", grid: str = "ta",
+                 svc_alpha: float | None = None, per_key: bool | Callable[[dict], bool] = False):
+    """Register ``impl(task_vector_avg, task_vectors, *, options...)`` under ``name``.
+
+    Its keyword-only parameters are the method's options and defaults (each becomes a main.py
+    flag). The rest is declared here: ``aliases`` (other accepted names), ``paper``/``url``,
+    ``grid`` (the --scaling_coef auto family: "ta" 0.05..1 or "spectral" 0.1..3), ``svc_alpha``
+    (SVC's default floor; None = 1/K) and ``per_key`` (True when the merged value of a key
+    depends on that key alone, so a plot may merge only the layers it shows; a function of
+    the options when that depends on them; False, always safe, by default).
+    """
+    if grid not in GRIDS:
+        raise ValueError(f"merge method {name!r}: grid must be one of {GRIDS}, got {grid!r}")
 
     def register(impl: Callable) -> Callable:
-        defaults = {p.name: p.default for p in inspect.signature(impl).parameters.values()
-                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        params = [p for p in inspect.signature(impl).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        defaults = {p.name: p.default for p in params if p.name not in RUNTIME_PARAMETERS}
+        missing = [p.name for p in params if p.default is inspect.Parameter.empty]
+        if missing:
+            raise TypeError(f"merge method {name!r}: options {missing} need a default value")
+        runtime = [p.name for p in params if p.name in RUNTIME_PARAMETERS]
+        taken = [n for n in [name, *aliases] if canonical_name(n, strict=False) in METHODS]
+        if taken:
+            raise ValueError(f"merge method {name!r}: the name {taken[0]!r} is already registered")
 
         @functools.wraps(impl)
         def method(task_vector_avg, task_vectors: Sequence[TaskVector], config=None) -> TaskVector:
@@ -81,9 +143,12 @@ def merge_method(name: str):
             for i, tv in enumerate(task_vectors[1:], 1):
                 check_same_keys(task_vectors[0].vector, tv.vector, "task vector 0", f"task vector {i}")
             task_vectors = require_finite(task_vectors)  # NaN/inf: an error naming the task and key
-            return impl(task_vector_avg, task_vectors, **_options(defaults, config))
+            extra = {p: getattr(config, p, None) for p in runtime}
+            return impl(task_vector_avg, task_vectors, **_options(defaults, config), **extra)
 
         method.merge_name = name
+        METHODS[name] = MethodInfo(name, method, defaults, tuple(aliases), paper, url, grid, svc_alpha, per_key,
+                                   inspect.getdoc(impl) or "")
         MERGE_METHODS[name] = method
         METHOD_OPTIONS[name] = defaults
         return method
@@ -134,14 +199,16 @@ def _key_filter(name: str) -> Callable:
 
 # --- methods ----------------------------------------------------------------------
 
-@merge_method("WA")
+@merge_method("WA", aliases=("average", "avg", "weight average"), per_key=True,
+              paper="Model soups (Wortsman et al., ICML 2022)", url="https://arxiv.org/abs/2203.05482")
 def weight_average(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0) -> TaskVector:
     """Weight averaging (Wortsman et al., "Model soups", ICML 2022): ``scaling_coef`` x the
     mean of the task vectors, on every key. Default coefficient 1."""
     return _summed(task_vectors, scaling_coef / len(task_vectors))
 
 
-@merge_method("TA")
+@merge_method("TA", aliases=("task arithmetic", "sum"), per_key=True,
+              paper="Task Arithmetic (Ilharco et al., ICLR 2023)", url="https://arxiv.org/abs/2212.04089")
 def task_arithmetic(task_vector_avg, task_vectors, *, scaling_coef: float = 0.3) -> TaskVector:
     """Task Arithmetic (Ilharco et al., ICLR 2023): ``scaling_coef`` x the sum of the task
     vectors, on every key. Default 0.3, as the official SVC code and FusionBench."""
@@ -171,7 +238,8 @@ def _ties_threshold(flat: Tensor, ties_k: float) -> Tensor:
     return flat.abs().kthvalue(max(kth, 1), dim=-1, keepdim=True).values
 
 
-@merge_method("TIES")
+@merge_method("TIES", aliases=("ties merging",), per_key=lambda options: options["ties_scope"] == "layer",
+              paper="TIES-Merging (Yadav et al., NeurIPS 2023)", url="https://arxiv.org/abs/2306.01708")
 def ties_merging(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, ties_k: float = 20.0,
                  ties_merge: str = "mean", ties_scope: str = "layer") -> TaskVector:
     """TIES-Merging (Yadav et al., NeurIPS 2023): trim each task vector to its top
@@ -215,7 +283,7 @@ def ties_merging(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, ti
     return TaskVector(vector=merged)
 
 
-@merge_method("DARE")
+@merge_method("DARE", paper="DARE (Yu et al., ICML 2024)", url="https://arxiv.org/abs/2311.03099")
 def dare(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, dare_p: float = 0.8,
          dare_seed: int = 42, dare_merge: str = "mean", dare_rescale: bool = True) -> TaskVector:
     """DARE (Yu et al., "Language Models are Super Mario", ICML 2024): drop each entry
@@ -256,7 +324,8 @@ def tsvm_rank(k: int, fraction: float) -> int:
     return int(k * fraction)
 
 
-@merge_method("TSV-M")
+@merge_method("TSV-M", aliases=("tsv merge",), grid="spectral", svc_alpha=1.0, per_key=True,
+              paper="Task Singular Vectors (Gargiulo et al., CVPR 2025)", url="https://arxiv.org/abs/2412.00081")
 def tsv_merge(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, tsvm_fraction: float | None = None,
               tsvm_keys: str = "official", device: str | None = None) -> TaskVector:
     """TSV-Merge (Gargiulo et al., "Task Singular Vectors", CVPR 2025): per matrix, keep
@@ -301,7 +370,8 @@ def tsv_merge(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, tsvm_
     return _per_key(task_vectors, merge_key)
 
 
-@merge_method("Iso-C")
+@merge_method("Iso-C", grid="spectral", per_key=True,
+              paper="Isotropic merging (Marczak et al., ICML 2025)", url="https://arxiv.org/abs/2502.04959")
 def iso_c(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, device: str | None = None) -> TaskVector:
     """Iso-C (Marczak et al., "No Task Left Behind: Isotropic Model Merging", ICML 2025):
     per matrix (2-D, not ``text_projection``; embeddings included), the sum of the task
@@ -331,7 +401,8 @@ def iso_cts_dims(k: int, n_tasks: int, common_fraction: float) -> tuple[int, int
     return common, int((k - common) / n_tasks)
 
 
-@merge_method("Iso-CTS")
+@merge_method("Iso-CTS", grid="spectral", per_key=True,
+              paper="Isotropic merging (Marczak et al., ICML 2025)", url="https://arxiv.org/abs/2502.04959")
 def iso_cts(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, iso_common_fraction: float = 0.8,
             device: str | None = None) -> TaskVector:
     """Iso-CTS (Marczak et al., ICML 2025): per matrix (2-D, not ``text_projection``),
@@ -381,7 +452,8 @@ def iso_cts(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, iso_com
     return _per_key(task_vectors, merge_key)
 
 
-@merge_method("STAR")
+@merge_method("STAR", per_key=True,
+              paper="STAR (Lee et al., NAACL 2025)", url="https://arxiv.org/abs/2502.10339")
 def star(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, star_eta: float = 40.0) -> TaskVector:
     """STAR (Lee et al., "STAR: Spectral Truncation and Rescale for Model Merging", NAACL
     2025): per task and matrix (conv weights reshaped to out x rest), keep the fewest top

@@ -1,10 +1,18 @@
-"""Top-1 evaluation of an image encoder + classification head on the registry's datasets."""
+"""Top-1 evaluation of an image encoder + classification head on the registry's datasets, and the cache of
+fine-tuned accuracies that normalised accuracy divides by."""
+from __future__ import annotations
+
+import math
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import torch
 from tqdm.auto import tqdm
 
+import utils
+from clip.factory import load_into
 from src.datasets.registry import get_dataset
 
 
@@ -105,3 +113,125 @@ def describe_tasks(tasks: list[str], data_location: str, download: bool = False,
     splits = [get_dataset(task, None, data_location, num_workers=0, download=download, convention=convention)
               for task in tasks]
     return {split.name: split.provenance for split in splits}
+
+
+def check_finite(record: dict, accuracy: dict[str, float]) -> None:
+    """Nothing is cached or logged when an accuracy or a logged value is NaN/inf (an empty split, a diverged
+    merge): strict JSON would refuse the line after the text log was already written."""
+    bad = _non_finite({**record, "accuracy": accuracy})
+    if not accuracy or bad:
+        raise ValueError(f"no finite result to log ({', '.join(bad) or 'no dataset evaluated'}); nothing was "
+                         "written: check that the datasets are not empty and the merged weights are finite")
+
+
+def _non_finite(value, where: str = "") -> list[str]:
+    """Paths of the NaN/inf floats inside nested dicts and lists, e.g. ``scaling_coef_curve[2].avg``."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [f"{where}={value}"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _non_finite(v, f"{where}[{i}]")]
+    return []
+
+
+@dataclass
+class Evaluator:
+    """`evaluate_tasks` with one run's data and device settings, so each call names only what changes."""
+
+    data_location: str
+    device: torch.device
+    convention: str | None = None
+    batch_size: int = 128
+    num_workers: int = 2
+    progress: bool | None = None
+    amp: bool = False
+    seed: int = 42
+    download: bool = False
+    input_cache: object | None = None  # src.input_cache.InputCache
+
+    def __call__(self, encoder, heads: Mapping, datasets: list[str], provenance: dict | None = None) -> dict[str, float]:
+        return evaluate_tasks(encoder, datasets, heads, encoder.val_preprocess, self.data_location, device=self.device,
+                              batch_size=self.batch_size, num_workers=self.num_workers, progress=self.progress,
+                              amp=self.amp, seed=self.seed, download=self.download, convention=self.convention,
+                              provenance=provenance, input_cache=self.input_cache)
+
+    def describe(self, datasets: list[str]) -> dict[str, dict]:
+        return describe_tasks(datasets, self.data_location, download=self.download, convention=self.convention)
+
+
+# ----------------------------------------------------------------------------- fine-tuned accuracies
+class FinetunedCache:
+    """Fine-tuned accuracies measured once per checkpoints and data, for normalised accuracy.
+
+    File layout: {dataset: {checkpoint fingerprint: {"acc": top-1 %, "data": provenance}}}; an entry counts only
+    for the same checkpoint fingerprint and exactly the same data provenance, anything else is stale."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def _checked(self, cache) -> dict:
+        if not isinstance(cache, dict):
+            raise ValueError(f"{self.path} is not a JSON object; delete it (it is a cache and is rebuilt)")
+        return cache
+
+    def check(self) -> None:
+        """A damaged cache stops the run before any work."""
+        self._checked(utils.read_json(self.path, {}))
+
+    def known(self, checkpoints: str, data: dict[str, dict]) -> dict[str, float]:
+        cache = self._checked(utils.read_json(self.path, {}))
+        known = {}
+        for name, info in data.items():
+            entry = cache.get(name)
+            hit = entry.get(checkpoints) if isinstance(entry, dict) else None  # a bare number: the old, unkeyed format
+            if isinstance(hit, dict) and hit.get("data") == info and isinstance(hit.get("acc"), (int, float)):
+                known[name] = hit["acc"]
+        return known
+
+    def store(self, checkpoints: str, accuracy: dict[str, float], data: dict[str, dict]) -> None:
+        """Add measured accuracies (locked read-modify-write: concurrent runs lose nothing)."""
+        def update(cache):
+            self._checked(cache)
+            check_finite({}, accuracy)  # a NaN fine-tuned accuracy is never cached
+            for name, acc in accuracy.items():
+                entry = cache.get(name) if isinstance(cache.get(name), dict) else {}
+                entry[checkpoints] = {"acc": acc, "data": data[name]}
+                cache[name] = entry
+            return cache
+
+        utils.update_json(self.path, update, default={})
+
+
+def evaluate_finetuned(evaluate: Evaluator, ckpts, encoder, heads: Mapping, datasets: list[str], cache: FinetunedCache,
+                       checkpoints: str, provenance: dict | None = None) -> dict[str, float]:
+    """Each fine-tuned encoder of `ckpts` on its own task's split; stored in `cache` under `checkpoints`."""
+    accuracy, data = {}, {}
+    for name in datasets:
+        base = name[:-3] if name.endswith("Val") else name
+        if base not in ckpts.finetuned:
+            raise ValueError(f"no fine-tuned checkpoint for {base}: --eval-datasets must be among the merged tasks")
+        load_into(encoder, ckpts.load_finetuned(base), source=str(ckpts.finetuned[base]))
+        accuracy.update(evaluate(encoder, heads, [name], data))
+    cache.store(checkpoints, accuracy, data)
+    if provenance is not None:
+        provenance.update(data)
+    return accuracy
+
+
+def finetuned_accuracies(evaluate: Evaluator, ckpts, encoder, heads: Mapping, datasets: list[str],
+                         cache: FinetunedCache, checkpoints: str, restore: Mapping,
+                         data: dict | None = None) -> dict[str, float]:
+    """Single-task accuracies on `datasets` for these checkpoints and this data (`data`: provenance per dataset,
+    looked up when not given), measured once and cached, for normalised accuracy. The encoder is left holding
+    `restore`. Datasets of tasks without a fine-tuned checkpoint are left out."""
+    datasets = [d for d in datasets if (d[:-3] if d.endswith("Val") else d) in ckpts.finetuned]
+    data = data if data is not None else evaluate.describe(datasets)
+    known = cache.known(checkpoints, {d: data[d] for d in datasets})
+    todo = [d for d in datasets if d not in known]
+    if todo:
+        print(f"measuring fine-tuned accuracies on {todo} (once for these checkpoints and data; cached in "
+              f"{cache.path})", flush=True)
+        known.update(evaluate_finetuned(evaluate, ckpts, encoder, heads, todo, cache, checkpoints))
+        load_into(encoder, restore)
+    return {d: known[d] for d in datasets}

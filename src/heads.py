@@ -78,3 +78,34 @@ def get_classification_head(model_name: str, task: str, checkpoint_dir: str | Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     clip.save_head(head, path)
     return head
+
+
+def load_heads(model_name: str, ckpts, datasets: list[str], convention: str, data_location: str) -> dict:
+    """The head of each dataset's task: the released one when it was made with `convention`'s class names and
+    templates, else the one cached for the convention (`head_path`), else one built from CLIP's text tower and
+    cached (a Hugging Face zero-shot folder has the text tower; otherwise the OpenAI weights are needed once)."""
+    import clip
+
+    heads, missing = {}, []
+    released_under = conventions.released_heads_convention(ckpts.layout)
+    for task in datasets:
+        base = task[:-3] if task.endswith("Val") else task
+        released = ckpts.heads.get(base)
+        if released and Path(released).exists() and conventions.same_definitions(base, convention, released_under):
+            heads[base] = clip.load_head(released)
+        elif head_path(ckpts.root, base, convention).exists():
+            heads[base] = clip.load_head(head_path(ckpts.root, base, convention))
+        else:
+            missing.append(base)
+    if missing:
+        print(f"building zero-shot heads for {missing} from {model_name}'s text tower ({convention} convention)",
+              flush=True)
+        text_model = None
+        if ckpts.layout == "hf":
+            from clip.hub import text_model_from_hf
+            text_model = text_model_from_hf(model_name, ckpts.zeroshot)
+        text_model = text_model or clip.create_model(model_name, pretrained="openai")  # QuickGELU, as OpenAI's
+        for base in missing:
+            heads[base] = get_classification_head(model_name, base, ckpts.root, data_location,
+                                                  clip_model=text_model, convention=convention)
+    return heads

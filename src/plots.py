@@ -32,17 +32,13 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from src.svc import default_alpha  # noqa: E402
+import merge_func  # noqa: E402
 from src.results import (  # noqa: E402
     AVG, NORM, REFERENCE_LABELS, config_of, label_configs, load_results, results_files, row_scores, same_method,
     summarize,
 )
 
 METRICS = {"avg": AVG, "normalized": NORM}
-# Methods whose merged value of a key depends on that key alone, so a plot may merge only
-# the layers it shows. DARE's masks follow the key order and global TIES uses whole-model
-# statistics: those are merged over every key.
-PER_KEY_METHODS = {"WA", "TA", "TSV-M", "Iso-C", "Iso-CTS", "STAR"}
 
 
 def save_figure(fig, out: str | Path) -> list[Path]:
@@ -120,15 +116,13 @@ def pick_layers(keys_with_shapes: dict[str, torch.Size], wanted: Sequence[str] |
 
 def merge_layers(method: str, task_vectors: Sequence, keys: Sequence[str], options: dict | None = None) -> dict[str, Tensor]:
     """The merged update of `keys` for `method` (a merge_func registry name), with its options."""
-    import merge_func
     from src.task_vectors import TaskVector
 
-    fn = merge_func.get_merge_method(method)
-    config = types.SimpleNamespace(**(options or {}))
-    global_ties = fn.merge_name == "TIES" and getattr(config, "ties_scope", None) == "global"
-    if fn.merge_name in PER_KEY_METHODS or (fn.merge_name == "TIES" and not global_ties):
+    info = merge_func.method_info(method)
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    if info.merges_key_by_key(options):  # the registry says whether a key's merge depends on that key alone
         task_vectors = [TaskVector(vector={k: tv.vector[k] for k in keys}) for tv in task_vectors]
-    merged = fn(None, list(task_vectors), config)
+    merged = info.fn(None, list(task_vectors), types.SimpleNamespace(**options))
     return {k: merged.vector[k] for k in keys}
 
 
@@ -378,7 +372,7 @@ def _resolve_tasks(spec: list[str]) -> list[str]:
 
 
 def _default_tasks(model: str) -> str:
-    from main import default_tasks  # the task set main.py merges for this model, so plots show that run
+    from src.args import default_tasks  # the task set main.py merges for this model, so plots show that run
 
     return default_tasks(model)
 
@@ -443,7 +437,7 @@ def _run(args) -> list[Path]:
         outdir = Path(args.logs_dir) / args.model
         per_method, alphas = {}, {}
         for method in args.merge:
-            alpha = args.alpha if args.alpha is not None else default_alpha(method, len(tasks))
+            alpha = args.alpha if args.alpha is not None else merge_func.method_info(method).default_alpha(len(tasks))
             merged = merge_layers(method, tvs, layers, _merge_options(args))
             deltas = {k: [tv.vector[k] for tv in tvs] for k in layers}
             if args.command == "spectrum":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 import utils
+from merge_func import same_method  # the registry's one rule for method names
 
 RESULTS_FILE = "results.jsonl"
 REFERENCE_LABELS = {"zeroshot": "Zero-shot", "finetuned": "Fine-tuned"}
@@ -75,11 +75,6 @@ def load_results(path: str | Path) -> list[dict]:
                 continue
             rows.append(row)
     return rows
-
-
-def same_method(a: str, b: str) -> bool:
-    """Method names match ignoring case, spaces, '-' and '_' (ISO-C = Iso-C = iso_c)."""
-    return re.sub(r"[\s_\-]", "", a).lower() == re.sub(r"[\s_\-]", "", b).lower()
 
 
 # ----------------------------------------------------------------------------- configurations

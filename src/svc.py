@@ -38,11 +38,6 @@ def check_alpha(alpha: float) -> float:
     return alpha
 
 
-def default_alpha(method: str, num_tasks: int) -> float:
-    """alpha as the official sweep sets it: 1.0 after TSV-M (shrink only), else 1/K (the paper's default)."""
-    return 1.0 if method.upper().replace("_", "").replace("-", "") == "TSVM" else 1.0 / num_tasks
-
-
 def _decompose(m: Tensor, method: str) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of ``m``, either by LAPACK/cuSOLVER (``svd``) or through a float64
     eigendecomposition of the smaller Gram matrix (``gram``: several times faster

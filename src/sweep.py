@@ -8,7 +8,7 @@ submitit job array, or to local worker processes.
     python -m src.sweep --model demo-micro --launcher local --workers 2
 
 Everything after `--` goes to every main.py run. A run already in <logs>/<model>/results.jsonl
-(same request, same checkpoint files: main.plan, as --skip-existing decides) is not submitted
+(same request, same checkpoint files: src.runs.plan, as --skip-existing decides) is not submitted
 again, so running the command again resubmits only what is missing or failed. Jobs append to
 results.jsonl under a file lock (utils.append_jsonl), which also holds across machines sharing
 the file system. submitit is optional: only --launcher slurm needs it (pip install submitit).
@@ -29,11 +29,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import merge_func
 import utils
+from src import args as main_args  # main.py's flags
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "main.py"
-METHODS = ("TA", "TIES", "DARE", "TSV-M", "Iso-C", "Iso-CTS", "STAR", "WA")  # run.sh's default METHODS
+METHODS = tuple(merge_func.METHODS)  # run.sh's default: every registered method
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}  # Slurm states
 
 
@@ -206,35 +208,33 @@ def in_flight(folder: Path, keys: set[str]) -> dict[str, str]:
 
 def logs_dir(model: str, extra: list[str]) -> Path:
     """<logs>/<model> as main.py will see it (--logs DIR, --logs=DIR, abbreviations)."""
-    import main
-
-    return Path(main.build_parser().parse_known_args(["--model", model, *extra])[0].logs) / model
+    return Path(main_args.build_parser().parse_known_args(["--model", model, *extra])[0].logs) / model
 
 
 def pending(runs: list[Run], force: bool) -> tuple[list[Run], list[Run]]:
     """(runs to submit, runs already in results.jsonl), each with its key. Each run is planned by
-    main.plan without loading weights; a bad flag or missing checkpoints stops here, before
+    src.runs.plan without loading weights; a bad flag or missing checkpoints stops here, before
     anything is submitted. Runs that resolve to the same request are submitted once."""
     import clip
-    import main
+    from src.runs import plan
 
     todo, done, seen = [], [], set()
     for run in runs:
         try:
-            args = main.build_parser().parse_args(list(run.argv))
+            args = main_args.build_parser().parse_args(list(run.argv))
         except SystemExit:  # argparse printed the bad flag
             raise SystemExit(f"error: main.py refuses the flags of run {run.label}: {shlex.join(run.argv)}") from None
         if args.rebuild:
             raise SystemExit("error: --rebuild would rebuild the demo zoo in every job; rebuild it once first: "
                              f"python -m src.demo.zoo --model {args.model}")
         try:
-            planned = main.plan(args)
+            planned = plan(args)
         except (clip.CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else err
             raise SystemExit(f"error: {run.label}: {message}") from None
-        key = json.dumps({"request": planned["request"], "checkpoints": planned["checkpoints"]}, sort_keys=True,
+        key = json.dumps({"request": planned.request, "checkpoints": planned.checkpoints}, sort_keys=True,
                          default=str)
-        if planned["done"] and not force:
+        if planned.done and not force:
             done.append(replace(run, key=key))
         elif key not in seen:
             todo.append(replace(run, key=key))
@@ -245,10 +245,9 @@ def pending(runs: list[Run], force: bool) -> tuple[list[Run], list[Run]]:
 def ensure_demo_zoo(model: str, extra: list[str]) -> None:
     """Demo models: build the checkpoint zoo once here, not in every concurrent job."""
     if model.startswith("demo"):
-        import main
         from src.demo.zoo import ensure_zoo
 
-        base_dir = main.build_parser().parse_known_args(["--model", model, *extra])[0].base_dir
+        base_dir = main_args.build_parser().parse_known_args(["--model", model, *extra])[0].base_dir
         ensure_zoo(model, os.path.join(base_dir, "checkpoints"))
 
 

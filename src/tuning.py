@@ -15,37 +15,31 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-# Grids as in the papers: TA-like methods on (0, 1], spectral methods (TSV, Iso) on (0, 3].
-_TA_GRID = [round(0.05 * i, 2) for i in range(1, 21)]  # 0.05 ... 1.0
-_SPECTRAL_GRID = [round(0.1 * i, 1) for i in range(1, 31)]  # 0.1 ... 3.0
-_TSV_TA_GRID = [i / 30 for i in range(1, 31)]  # np.linspace(0, 1, 31)[1:]: 1/30 ... 1
-_SPECTRAL = ("tsv-m", "tsvm", "iso-c", "iso-cts")
-_GRID_BY_METHOD = {
-    **{m: _TA_GRID for m in ("wa", "sa", "ta", "ties", "dare", "star")},
-    **{m: _SPECTRAL_GRID for m in _SPECTRAL},
+# Grid families as in the papers (a method declares its family in merge_func's registry):
+# TA-like methods on (0, 1], spectral methods (TSV, Iso) on (0, 3].
+_FAMILY_GRIDS = {
+    "ta": [round(0.05 * i, 2) for i in range(1, 21)],  # 0.05 ... 1.0
+    "spectral": [round(0.1 * i, 1) for i in range(1, 31)],  # 0.1 ... 3.0
 }
-# Named grids for --coef-grid. "default": the grids above. "tsv": the TSV and iso-merging code
-# (src/eval/eval.py, n_eval_points 31): linspace(0, 3, 31)[1:] for TSVM / iso_c / iso_cts, linspace(0, 1, 31)[1:]
+_TSV_TA_GRID = [i / 30 for i in range(1, 31)]  # np.linspace(0, 1, 31)[1:]: 1/30 ... 1
+# Named grids for --coef-grid. "default": the family's grid above. "tsv": the TSV and iso-merging code
+# (src/eval/eval.py, n_eval_points 31): linspace(0, 3, 31)[1:] for the spectral family, linspace(0, 1, 31)[1:]
 # for every other method. "task_vectors": the task-arithmetic paper's 0.05 steps for every method (not checked
 # in code: the task_vectors repository holds no search; lambda = 0, the zero-shot model, is left out).
 COEF_GRIDS = ("default", "tsv", "task_vectors")
 
 
 def coefficient_grid(method: str, name: str = "default") -> list[float]:
-    """Merge-coefficient grid `name` (one of COEF_GRIDS) for a merge method (case-insensitive)."""
-    key = method.lower().replace("_", "-")
-    if key not in _GRID_BY_METHOD:
-        known = ", ".join(sorted(_GRID_BY_METHOD))
-        raise ValueError(
-            f"no default coefficient grid for merge method {method!r} (known: {known}); "
-            "pass an explicit grid instead"
-        )
+    """Merge-coefficient grid `name` (one of COEF_GRIDS) for a registered merge method (any spelling)."""
+    import merge_func  # the registry declares each method's grid family
+
+    family = merge_func.method_info(method).grid  # KeyError naming the valid methods
     if name == "default":
-        return list(_GRID_BY_METHOD[key])
+        return list(_FAMILY_GRIDS[family])
     if name == "tsv":
-        return list(_SPECTRAL_GRID if key in _SPECTRAL else _TSV_TA_GRID)
+        return list(_FAMILY_GRIDS["spectral"] if family == "spectral" else _TSV_TA_GRID)
     if name == "task_vectors":
-        return list(_TA_GRID)
+        return list(_FAMILY_GRIDS["ta"])
     raise ValueError(f"unknown coefficient grid {name!r}; choose one of {', '.join(COEF_GRIDS)}")
 
 
@@ -181,3 +175,28 @@ def coefficient_scorer(
         return evaluate()
 
     return score
+
+
+def choose_on_validation(merged, score: Callable, individual: dict[str, float] | None, *,
+                         coef_grid: list[float] | None = None, alpha_grid: list[float] | None = None,
+                         calibrate: Callable | None = None, alpha: float | None = None) -> tuple[float, float | None, dict]:
+    """main.py's --scaling_coef auto and --alpha auto: the coefficient from `coef_grid` (None: keep 1), then
+    SVC's alpha from `alpha_grid` (None: keep `alpha`), each by `select_coefficient` on validation data.
+
+    merged: the merge at coefficient 1 (every method's update is linear in its coefficient);
+    score(update) -> validation accuracies of the model with that update; calibrate(update, alpha) -> the
+    SVC-calibrated update, or None without SVC (the coefficient search then calibrates with `alpha`).
+    Returns (coefficient, alpha, the fields results.jsonl logs about the choice)."""
+    coef, log = 1.0, {}
+    if coef_grid is not None:
+        update = (lambda c: calibrate(c * merged, alpha)) if calibrate else (lambda c: c * merged)
+        chosen = select_coefficient(coef_grid, lambda c: score(update(c)), individual)
+        coef = chosen.best
+        log.update(chosen.as_log("scaling_coef"))
+        print(f"scaling_coef chosen on validation: {coef} ({chosen.criterion} {chosen.score:.2f})", flush=True)
+    if alpha_grid is not None:
+        chosen = select_coefficient(alpha_grid, lambda a: score(calibrate(coef * merged, a)), individual)
+        alpha = chosen.best
+        log.update(chosen.as_log("alpha"))
+        print(f"alpha chosen on validation: {alpha} ({chosen.criterion} {chosen.score:.2f})", flush=True)
+    return coef, alpha, log

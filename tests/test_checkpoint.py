@@ -336,13 +336,12 @@ def test_demo_names_are_delegated():
 
 
 def test_text_tower_for_heads_uses_quick_gelu(monkeypatch, tmp_path):
-    """main.load_heads builds missing heads from the OpenAI text tower, with QuickGELU as the weights
+    """src.heads.load_heads builds missing heads from the OpenAI text tower, with QuickGELU as the weights
     were trained (a plain open_clip.create_model(name, pretrained='openai') gives GELU). Nothing is
     downloaded: open_clip.create_model is replaced by one that records its arguments and builds
     the same architecture with pretrained=None on the meta device."""
     import types
 
-    import main
     import src.heads
 
     real, calls = open_clip.create_model, []
@@ -357,9 +356,8 @@ def test_text_tower_for_heads_uses_quick_gelu(monkeypatch, tmp_path):
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
     monkeypatch.setattr(src.heads, "get_classification_head",
                         lambda model_name, task, root, data, clip_model, convention: built.setdefault(task, clip_model))
-    args = types.SimpleNamespace(model="ViT-B-32", data_location=str(tmp_path))
-    main.load_heads(args, types.SimpleNamespace(heads={}, root=tmp_path, layout="task_vectors"), ["MNISTVal"],
-                    "task_vectors")
+    src.heads.load_heads("ViT-B-32", types.SimpleNamespace(heads={}, root=tmp_path, layout="task_vectors"),
+                         ["MNISTVal"], "task_vectors", str(tmp_path))
     assert calls == [("ViT-B-32", "openai", True)]
     text_model = built["MNIST"]
     assert isinstance(text_model.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)

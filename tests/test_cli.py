@@ -10,7 +10,9 @@ import pytest
 
 import main
 import utils
-from src.datasets.registry import DatasetNotFoundError
+from src.args import default_tasks
+from src.datasets.registry import DatasetNotFoundError, resolve_tasks
+from src.eval import Evaluator
 from tests.conftest import cli
 from tests.test_main import results
 
@@ -113,7 +115,7 @@ def test_save_merged_never_replaces_an_existing_file_without_overwrite(tmp_path,
 def test_save_merged_never_overwrites_an_input_checkpoint(workdir, capsys):
     import clip
 
-    ckpts = clip.find_checkpoints("demo-micro", str(workdir), main.resolve_tasks(main.default_tasks("demo-micro")))
+    ckpts = clip.find_checkpoints("demo-micro", str(workdir), resolve_tasks(default_tasks("demo-micro")))
     before = {p: (os.stat(p).st_mtime_ns, p.read_bytes()) for p in [ckpts.zeroshot, *ckpts.finetuned.values()]}
     # a .safetensors input (e.g. a Hugging Face or merged checkpoint used as a source), reached via a link
     source = ckpts.zeroshot.with_name("model.safetensors")
@@ -195,7 +197,8 @@ def test_flags_without_effect_are_named_in_a_warning(tmp_path, capsys):
 
 
 def test_nan_accuracy_never_reaches_the_logs(workdir, monkeypatch):
-    monkeypatch.setattr(main, "evaluate", lambda args, encoder, heads, datasets, provenance=None: {d: math.nan for d in datasets})
+    monkeypatch.setattr(Evaluator, "__call__", lambda self, encoder, heads, datasets, provenance=None:
+                        {d: math.nan for d in datasets})
     folder = workdir / "logs-nan"
     with pytest.raises(SystemExit) as info:
         main.main(["--model", "demo-micro", "--base_dir", str(workdir), "--logs", str(folder), "--threads", "1",
@@ -207,15 +210,15 @@ def test_nan_accuracy_never_reaches_the_logs(workdir, monkeypatch):
 
 def test_nan_on_a_validation_split_never_reaches_the_logs(workdir, monkeypatch):
     """A NaN validation score at one grid point (the others chosen from) stays in the logged curve: refused."""
-    real, calls = main.evaluate, []
+    real, calls = Evaluator.__call__, []
 
-    def val_nan(args, encoder, heads, datasets, provenance=None):
-        result = real(args, encoder, heads, datasets, provenance)
+    def val_nan(self, encoder, heads, datasets, provenance=None):
+        result = real(self, encoder, heads, datasets, provenance)
         if len(datasets) > 1:  # a merged model on every val split (fine-tuned ones are measured one by one)
             calls.append(datasets)
         return {d: math.nan if d == "ShapesVal" and len(calls) == 1 else acc for d, acc in result.items()}
 
-    monkeypatch.setattr(main, "evaluate", val_nan)
+    monkeypatch.setattr(Evaluator, "__call__", val_nan)
     folder = workdir / "logs-nan-val"
     with pytest.raises(SystemExit, match=r"^error: no finite result to log \(scaling_coef_curve\[0\]\.accuracy"):
         main.main(["--model", "demo-micro", "--base_dir", str(workdir), "--logs", str(folder), "--threads", "1",
@@ -233,7 +236,7 @@ def test_errors_raised_deep_inside_are_one_line(workdir, monkeypatch, exc, match
     def deep(*args, **kwargs):
         raise exc
 
-    monkeypatch.setattr(main, "evaluate", deep)
+    monkeypatch.setattr(Evaluator, "__call__", deep)
     with pytest.raises(SystemExit, match=match):
         cli(workdir, "--merge", "zeroshot")
 
@@ -250,7 +253,7 @@ def _no_leftovers(folder):
 
 
 def test_ctrl_c_exits_quietly_with_130(workdir, monkeypatch, capsys):
-    monkeypatch.setattr(main, "evaluate", _interrupt)
+    monkeypatch.setattr(Evaluator, "__call__", _interrupt)
     with pytest.raises(SystemExit) as info:
         cli(workdir, "--merge", "TA")
     assert info.value.code == 130

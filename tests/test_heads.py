@@ -112,7 +112,7 @@ def test_released_heads_are_read_only_under_their_convention(model, tmp_path):
     """A TSV release's head_STL10Val.pt (CIFAR templates) is not the task_vectors STL10 head, and an old
     head_EMNIST.pt (digits) is never the fusionbench letters head."""
     import clip
-    import main
+    from src.heads import load_heads
 
     def save(name, rows):
         head = build_zeroshot_head(model, open_clip.tokenize, [f"c{i}" for i in range(rows)], [lambda c: c])
@@ -123,8 +123,8 @@ def test_released_heads_are_read_only_under_their_convention(model, tmp_path):
     save("head_EMNIST.pt", 10)
     save("head_EMNIST_fusionbench.pt", 26)
     tsv = SimpleNamespace(layout="tsv", root=tmp_path, heads={"STL10": tmp_path / "head_STL10Val.pt"})
-    assert main.load_heads(None, tsv, ["STL10Val"], "tsv")["STL10"].weight.shape[0] == 3
-    assert main.load_heads(None, tsv, ["STL10"], "task_vectors")["STL10"].weight.shape[0] == 4
+    assert load_heads(None, tsv, ["STL10Val"], "tsv", None)["STL10"].weight.shape[0] == 3
+    assert load_heads(None, tsv, ["STL10"], "task_vectors", None)["STL10"].weight.shape[0] == 4
     hf = SimpleNamespace(layout="hf", root=tmp_path, heads={"EMNIST": tmp_path / "head_EMNIST.pt"})
-    assert main.load_heads(None, hf, ["EMNIST"], "fusionbench")["EMNIST"].weight.shape[0] == 26
-    assert main.load_heads(None, hf, ["EMNIST"], "tsv")["EMNIST"].weight.shape[0] == 10
+    assert load_heads(None, hf, ["EMNIST"], "fusionbench", None)["EMNIST"].weight.shape[0] == 26
+    assert load_heads(None, hf, ["EMNIST"], "tsv", None)["EMNIST"].weight.shape[0] == 10

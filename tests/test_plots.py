@@ -157,12 +157,12 @@ def test_spectral_commands_on_checkpoints(tmp_path):
 
 def test_spectral_commands_default_to_the_models_own_tasks(tmp_path, monkeypatch):
     """Without --tasks, a demo model's plots use its task set, as main.py does (not the 8 CLIP tasks)."""
-    import main
+    from src.args import default_tasks
     from src.datasets.registry import resolve_tasks
     from src.demo.zoo import ensure_zoo
 
     ensure_zoo("demo-micro", str(tmp_path / "checkpoints"))
-    expected = resolve_tasks(main.default_tasks("demo-micro"))
+    expected = resolve_tasks(default_tasks("demo-micro"))
     seen = []
     for name in ("plot_spectrum", "plot_coefficients"):
         real = getattr(plots, name)

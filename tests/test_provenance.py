@@ -6,11 +6,12 @@ import shutil
 import pytest
 from torchvision.transforms import ToTensor
 
-import main
 import utils
+from src.args import split_folders
 from src.datasets import folder_sets
 from src.datasets.folder_sets import set_split_folders
-from src.datasets.registry import get_dataset
+from src.datasets.registry import get_dataset, resolve_tasks
+from src.eval import FinetunedCache
 from tests.conftest import cli
 from tests.test_datasets import write_image_folder
 
@@ -80,7 +81,7 @@ def test_a_chosen_folder_must_exist_and_be_one_of_the_names(tmp_path):
     with pytest.raises(ValueError, match="only DTD, SUN397, EuroSAT"):
         set_split_folders({"MNIST": "val"})
     with pytest.raises(ValueError, match="expected TASK=NAME"):
-        main.split_folders(["DTD"])
+        split_folders(["DTD"])
 
 
 def test_val_split_cut_from_train_says_so(tmp_path):
@@ -105,7 +106,7 @@ def test_every_result_line_says_where_each_dataset_came_from(workdir):
 
 def test_normalized_accuracy_follows_changed_finetuned_checkpoints(workdir):
     folder = workdir / "checkpoints" / "demo-micro"
-    tasks = main.resolve_tasks("demo-micro")
+    tasks = resolve_tasks("demo-micro")
     ft_old = cli(workdir, "--merge", "finetuned")
     ta_old = cli(workdir, "--merge", "TA")
     assert ta_old["normalized"] == pytest.approx(
@@ -135,7 +136,7 @@ def test_individual_cache_old_format_and_damage(workdir):
     path = workdir / "logs" / "demo-micro" / "individual_accuracies.json"
     saved = path.read_text()
     try:
-        path.write_text(json.dumps({t: 1.0 for t in main.resolve_tasks("demo-micro")}))  # unkeyed: never trusted
+        path.write_text(json.dumps({t: 1.0 for t in resolve_tasks("demo-micro")}))  # unkeyed: never trusted
         record = cli(workdir, "--merge", "finetuned")
         assert record["normalized"] == pytest.approx(100.0)
         path.write_text("{not json")
@@ -166,9 +167,9 @@ def test_split_folder_flag(workdir):
 
 
 def _store_many(logs, worker, count):
-    args = main.build_parser().parse_args(["--model", "m", "--logs", str(logs)])
+    cache = FinetunedCache(logs / "m" / "individual_accuracies.json")
     for j in range(count):
-        main.store_individual(args, f"ckpt{worker}", {f"T{j}": float(j)}, {f"T{j}": {"n": j}})
+        cache.store(f"ckpt{worker}", {f"T{j}": float(j)}, {f"T{j}": {"n": j}})
 
 
 def test_concurrent_runs_lose_no_individual_accuracy(tmp_path):

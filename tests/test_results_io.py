@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-import main
 import utils
+from src import runs
 
 
 def _append_many(path, worker, count):
@@ -100,11 +100,11 @@ class _SameSecond(datetime):
 def _finish(logs, worker, _count):
     args = SimpleNamespace(logs=str(logs), model="demo-micro", merge="TA")
     record = {"merge": "TA", "svc": True, "alpha": 0.5, "worker": worker, "checkpoints": "c", "data": {}}
-    main.finish(args, record, {"Digits": float(worker)}, {})
+    runs.write_results(args, record, {"Digits": float(worker)}, {}, {})
 
 
 def test_runs_finishing_in_the_same_second_keep_their_own_text_logs(tmp_path, monkeypatch):
-    monkeypatch.setattr(main, "datetime", _SameSecond)  # inherited by the forked processes
+    monkeypatch.setattr(runs, "datetime", _SameSecond)  # inherited by the forked processes
     _run(_finish, tmp_path / "logs", 6, 1)
     folder = tmp_path / "logs" / "demo-micro"
     logs = sorted(folder.glob("log_20260102_030405_TA_svc*.txt"))

@@ -21,7 +21,7 @@ def test_default_grids():
     iso = default_grid("Iso-C")
     assert len(iso) == 30 and iso[0] == 0.1 and iso[-1] == 3.0 and iso[12] == 1.3
     assert default_grid("TSV-M") == iso == default_grid("ISO-CTS")
-    with pytest.raises(ValueError, match="no default coefficient grid"):
+    with pytest.raises(KeyError, match="unknown merge method 'nonsense'; valid: WA, TA"):
         default_grid("nonsense")
 
 
