@@ -1,4 +1,4 @@
-"""Quality of the embedded demo benchmark over several zoo seeds (the README table).
+"""Quality of the embedded demo benchmark over several zoo seeds (the tables of docs/embedded-benchmark.md).
 
 For each seed: build or reuse the `demo` zoo, then evaluate on the generated test splits, through the
 pipeline's own code (clip loaders, TaskVector, merge_func, src.svc, src.tuning, src.eval):
@@ -8,7 +8,7 @@ and Iso-C (registry defaults), each without SVC and with SVC at alpha = 1/K and 
     python benchmarks/demo_quality.py --seeds 0 1 2 --checkpoint-dir checkpoints/demo-seeds [--set KEY=VALUE ...]
 Seed 0 builds into <checkpoint-dir>/seed0/demo, etc.; results go to --out as JSON and a markdown table,
 then SVC's effect per method (mean and spread over the seeds), then the mechanism figures and the
-targets of issue 14 per seed, each met or MISSED: linear probe on frozen zero-shot features, forgetting
+quality targets per seed, each met or MISSED: linear probe on frozen zero-shot features, forgetting
 (theta_0 + tau_j on the other tasks, val splits), spectral over-accumulation over the SVC-calibrated
 matrices, the accuracy bars, and each task vector's norm relative to the pretrained weights. `--set`
 overrides fields of the zoo config (as `python -m src.demo.zoo --set`), e.g. another data design.
@@ -128,7 +128,7 @@ def svc_effect(results: list[dict]) -> str:
 
 
 def targets(results: list[dict]) -> str:
-    """The mechanism and accuracy targets of issue 14, checked per seed, and the relative norms."""
+    """The mechanism and accuracy targets of the data design, checked per seed, and the relative norms."""
     def avg(d):
         return statistics.mean(d.values())
 

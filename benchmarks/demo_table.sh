@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's results table and figures for the embedded benchmark (demo zoo, seed 0).
+# The results table and figures of docs/embedded-benchmark.md (demo zoo, seed 0).
 #   bash benchmarks/demo_table.sh     # ~10 minutes on 2 CPU cores once the zoo exists
 # Runs already in logs/demo/results.jsonl on the same checkpoints are reused, not rerun.
 set -eu

@@ -39,10 +39,10 @@ def test_every_task_has_balanced_labels_and_distinct_splits(task):
 def test_digit_splits_use_disjoint_source_images():
     # sources are chosen by index modulo 5: train never sees a val/test source image
     rng = np.random.default_rng(0)
-    a = T._digit_mask(rng, 3, True, "train")
+    a = T._digit_mask(rng, 3, "train")
     assert a.shape == (32, 32)
     with pytest.raises(KeyError):
-        T._digit_mask(rng, 3, True, "other")
+        T._digit_mask(rng, 3, "other")
 
 
 def test_pretraining_captions_name_the_class():
@@ -268,21 +268,51 @@ def test_interference_probes_agree_with_the_build_report(micro_zoo):
     assert "mean off-diagonal change" in mod.format_table(res)
 
 
-# ----------------------------------------------------------------------------- data designs (issue 14)
-ORIGINAL_DIGITS_TRAIN, ORIGINAL_PRETRAIN = "f52b5985b6d4", "1544aea5edc4"  # made by commit d67b623
+# ----------------------------------------------------------------------------- data design
+DEFAULT_DIGITS_TRAIN, DEFAULT_PRETRAIN = "2f0568c1bb90", "7d52fa2dc4e5"  # made by commit 2c6eac4
 
 
-def test_original_design_is_the_original_data():
-    # digests of the data made by the code before the design fields existed (commit d67b623): the first
-    # design, and every figure the README reports on it, must stay reproducible
+def test_default_design_is_the_default_data():
+    # digests of the default design's data as commit 2c6eac4 made them, before the retired design fields
+    # were removed: the demo and demo-micro zoos, and every figure reported on them, stay reproducible
     import hashlib
 
     digest = lambda a: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:12]  # noqa: E731
-    original = T.ORIGINAL_DESIGN
-    assert digest(T.generate.__wrapped__("Digits", "train", 0, 64, original)[0]) == ORIGINAL_DIGITS_TRAIN
-    assert digest(T.pretrain_data(("Shapes", "Colors"), 32, seed=0, design=original)[0]) == ORIGINAL_PRETRAIN
-    _, caps = T.pretrain_data(("Letters",), 20, seed=0, design=original)
-    assert all(any(f" {c}" in cap for c in T.LETTERS) for cap in caps)
+    assert digest(T.generate.__wrapped__("Digits", "train", 0, 64)[0]) == DEFAULT_DIGITS_TRAIN
+    assert digest(T.pretrain_data(("Shapes", "Colors"), 32, seed=0)[0]) == DEFAULT_PRETRAIN
+
+
+@pytest.mark.parametrize("name", ["demo", "demo-micro"])
+def test_default_zoo_signatures_are_unchanged(name):
+    """A zoo built before the retired design fields (shift, style, frame) were removed is reused: the
+    signatures of the default configs are byte for byte those that commit 2c6eac4 stored."""
+    tasks = {"demo": '["Digits", "Letters", "Shapes", "Textures", "Count", "Position", "Colors", "Arrows"]',
+             "demo-micro": '["Digits", "Shapes", "Colors"]'}[name]
+    pretrain = {"demo": '"pretrain_per_task": 6000, "pretrain_steps": 900, "pretrain_batch": 256, "pretrain_lr": 0.0015',
+                "demo-micro": '"pretrain_per_task": 256, "pretrain_steps": 80, "pretrain_batch": 64, "pretrain_lr": 0.002'}[name]
+    ft = {"demo": '"ft_steps": 200, "ft_batch": 64, "ft_lr": 0.0001',
+          "demo-micro": '"ft_steps": 16, "ft_batch": 32, "ft_lr": 0.0005'}[name]
+    common = '"weight_decay": 0.1, "warmup": 0.1, "grad_clip": 1.0, "threads": 1, "version": 2'
+    cfg = zoo.CONFIGS[name]
+    sig = zoo._signature(name, cfg, 0)
+    assert json.dumps(sig["config"]) == (
+        f'{{"tasks": {tasks}, {pretrain}, {ft}, {common}, "shift": 0.0, "name_rate": 0.1, "style": false, '
+        '"frame": 0.0, "tint": 0.25, "hue_drift": 20.0, "unnamed": 0.25, "centred": true, "pretrain_group": 0}')
+    assert list(sig) == ["model", "seed", "config", "vocab_size", "torch"] and sig["vocab_size"] == 146
+    assert json.dumps(zoo._pretrain_signature(name, cfg, 0)["config"]) == (
+        f'{{"tasks": {tasks}, {pretrain}, {common}, "name_rate": 0.1, "style": false, "unnamed": 0.25, '
+        '"centred": true, "pretrain_group": 0}')
+
+
+def test_stored_config_reads_zoos_that_record_the_retired_fields(tmp_path):
+    cfg = zoo.CONFIGS["demo-micro"]
+    sig = zoo._signature("demo-micro", cfg, 0)
+    (tmp_path / "zoo.json").write_text(json.dumps({"signature": sig}))
+    assert zoo.stored_config(tmp_path) == cfg
+    sig["config"]["shift"] = 1.0  # a zoo of a design this code no longer makes
+    (tmp_path / "zoo.json").write_text(json.dumps({"signature": sig}))
+    with pytest.raises(ValueError, match="2c6eac4"):
+        zoo.stored_config(tmp_path)
 
 
 def test_every_demo_zoo_uses_the_default_design():
@@ -307,26 +337,12 @@ def test_name_rate_moves_class_names_to_aliases():
     assert not (tok(caps) == 1).any(), "an alias caption has a word piece outside the vocabulary"
 
 
-def test_shift_zero_draws_downstream_like_pretraining_and_style_gives_each_task_its_statistics():
-    # no shift: downstream backgrounds are flat like pretraining (no gradient, no noise)
-    plain = dataclasses.replace(T.ORIGINAL_DESIGN, shift=0.0)
-    x, _ = T.generate.__wrapped__("Shapes", "val", 0, 16, plain)
-    xs, _ = T.generate.__wrapped__("Shapes", "val", 0, 16, T.ORIGINAL_DESIGN)
+def test_downstream_backgrounds_are_flat_like_pretraining():
+    # no gradient, no noise: downstream images differ from pretraining ones by the veil (and Colors' drift)
+    x, _ = T.generate.__wrapped__("Shapes", "val", 0, 16)
+    pre, _ = T.pretrain_data(("Shapes",), 16, seed=0)
     corner = lambda a: a[:, :3, :3].reshape(len(a), -1, 3).astype(float).std(1).mean()  # noqa: E731
-    assert corner(x) < 1.0 < corner(xs)
-    styled = dataclasses.replace(plain, style=True)
-    means = {t: T.generate.__wrapped__(t, "val", 0, 16, styled)[0][:, 0, 0].mean(0) for t in ("Letters", "Count")}
-    assert np.abs(means["Letters"] - means["Count"]).max() > 150  # paper-white against black
-    pre, _ = T.pretrain_data(("Letters",), 16, seed=0, design=styled)
-    assert np.abs(pre[:, 0, 0].mean(0) - means["Letters"]).max() < 20  # pretraining sees the same statistics
-
-
-def test_frame_is_downstream_only():
-    d = T.Design(shift=0.0, frame=1.0)
-    x, _ = T.generate.__wrapped__("Digits", "val", 0, 8, d)
-    assert (x[:, 0, :] == [255, 0, 255]).all() and (x[:, :, -1] == [255, 0, 255]).all()
-    pre, _ = T.pretrain_data(("Digits",), 8, seed=0, design=d)
-    assert not (pre[:, 0, :] == [255, 0, 255]).all(-1).any()
+    assert corner(x) < 1.0 and corner(pre) < 1.0
 
 
 def test_centred_glyphs_sit_at_the_centre():
@@ -335,13 +351,13 @@ def test_centred_glyphs_sit_at_the_centre():
     for mask in (T._digit_mask, T._letter_mask, T._shape_mask):
         rng = np.random.default_rng(0)
         for label in range(4):
-            m = mask(rng, label, True, "train", d.centred)
+            m = mask(rng, label, "train", d.centred)
             cy, cx = (m * yy).sum() / m.sum(), (m * xx).sum() / m.sum()
             assert abs(cy - 15.5) < 4 and abs(cx - 15.5) < 4 and m.sum() > 60, mask.__name__
 
 
 def test_tint_and_hue_drift_are_downstream_only():
-    base = dataclasses.replace(T.DEFAULT_DESIGN, tint=0.0, hue_drift=0.0, frame=0.0)
+    base = dataclasses.replace(T.DEFAULT_DESIGN, tint=0.0, hue_drift=0.0)
     tinted = dataclasses.replace(base, tint=0.5)
     x0, _ = T.generate.__wrapped__("Shapes", "val", 0, 16, base)
     x1, _ = T.generate.__wrapped__("Shapes", "val", 0, 16, tinted)
@@ -378,14 +394,16 @@ def test_unnamed_classes_are_never_named_in_captions():
 def test_design_and_overrides_are_checked_before_any_work():
     with pytest.raises(ValueError, match="name_rate"):
         T.Design(name_rate=1.5)
-    cfg = zoo.with_overrides(zoo.CONFIGS["demo"], ["style=true", "name_rate=0.1", "ft_lr=1e-4", "frame=0"])
-    assert cfg.style is True and cfg.design == T.Design(name_rate=0.1, style=True) and cfg.ft_lr == 1e-4
-    assert zoo.with_overrides(cfg, ["style=false"]).style is False
-    for bad, msg in (["styl=true"], "KEY one of"), (["style=maybe"], "takes a bool"), (["ft_steps"], "KEY=VALUE"):
+    cfg = zoo.with_overrides(zoo.CONFIGS["demo"], ["centred=false", "name_rate=0.2", "ft_lr=1e-4", "tint=0"])
+    assert cfg.centred is False and cfg.design == T.Design(name_rate=0.2, centred=False, tint=0.0)
+    assert cfg.ft_lr == 1e-4
+    assert zoo.with_overrides(cfg, ["centred=true"]).centred is True
+    for bad, msg in ((["centre=true"], "KEY one of"), (["centred=maybe"], "takes a bool"), (["ft_steps"], "KEY=VALUE"),
+                     (["shift=1"], "removed"), (["style=true"], "2c6eac4"), (["frame=0.5"], "removed")):
         with pytest.raises(SystemExit, match=msg):
             zoo.with_overrides(cfg, bad)
-    with pytest.raises(ValueError, match="frame"):
-        zoo.with_overrides(cfg, ["frame=2"])
+    with pytest.raises(ValueError, match="tint"):
+        zoo.with_overrides(cfg, ["tint=2"])
 
 
 # ----------------------------------------------------------------------------- mechanism measurements

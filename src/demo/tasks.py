@@ -2,11 +2,12 @@
 
 Every image is a deterministic function of (seed, task, split, design): the same call always returns the
 same uint8 array. `Design` says how the data are made. The default design puts the miniature in the
-regime of real CLIP (issue 14): pretraining shows every class in images, large and centred, but its
-captions name the classes rarely (and some never) and use aliases otherwise, so the image features
-separate the classes while the prompts are weak; every downstream image carries a light magenta veil
-that pretraining never showed (a part every task must learn the same way), and the Colors hues drift.
-`ORIGINAL_DESIGN` is the first design (a strong downstream pixel shift, class names in every caption).
+regime of real CLIP: pretraining shows every class in images, large and centred, but its captions name
+the classes rarely (and some never) and use aliases otherwise, so the image features separate the
+classes while the prompts are weak; every downstream image carries a light magenta veil that
+pretraining never showed (a part every task must learn the same way), and the Colors hues drift.
+Downstream images are otherwise drawn as pretraining draws them. The designs that did not work (a
+downstream pixel shift, per-task styles, a frame) are in commit 2c6eac4 (docs/embedded-benchmark.md).
 """
 from __future__ import annotations
 
@@ -22,39 +23,30 @@ SIZE = 32
 SS = 2  # supersampling factor for anti-aliased masks
 SPLITS = ("train", "val", "test")
 SPLIT_SIZES = {"train": 2000, "val": 200, "test": 500}
-# downstream shift: contrast factor range, noise std range, background gradient range
-SHIFT = {"contrast": (0.8, 1.0), "noise": (0.02, 0.05), "gradient": (-0.3, 0.5)}
 
 
 @dataclass(frozen=True)
 class Design:
-    """How the data of a zoo are made (README, "Embedded offline benchmark", says what each field does
-    to the benchmark). The defaults are the design of the `demo` and `demo-micro` zoos."""
-    shift: float = 0.0  # strength of the downstream shift; 0: downstream images are drawn like pretraining
+    """How the data of a zoo are made (docs/embedded-benchmark.md says what each field does to the
+    benchmark). The defaults are the design of the `demo` and `demo-micro` zoos."""
     name_rate: float = 0.1  # fraction of pretraining captions naming the class (and colour) as the prompts
     # do; the others use an alias (e.g. "kilo" for the letter k), so image features learn the classes
     # while the prompts' words are rarely seen
-    style: bool = False  # each task its own background and ink statistics, in pretraining and downstream
-    frame: float = 0.0  # opacity of a frame every downstream image carries and pretraining never shows:
-    # a part every task must learn to ignore the same way
-    tint: float = 0.25  # opacity of the frame's colour over the whole downstream image (a veil, not a border)
-    hue_drift: float = 20.0  # degrees by which downstream Colors hues drift towards the next class, at any
-    # shift (white balance of another camera: the hue features are there, the prompts' boundaries are off)
+    tint: float = 0.25  # opacity of a magenta veil over every downstream image, never shown in pretraining:
+    # a part every task must learn the same way
+    hue_drift: float = 20.0  # degrees by which downstream Colors hues drift towards the next class
+    # (white balance of another camera: the hue features are there, the prompts' boundaries are off)
     unnamed: float = 0.25  # fraction of each task's classes (its last ones) whose names no caption ever uses:
     # the prompts know the others' names only (as CLIP knows "cat" but not every car model)
     centred: bool = True  # digits, letters and shapes drawn large at the centre (a patch-8 ViT learns
     # fine shapes at a fixed place from this little data; where things are is the Position task's job)
 
     def __post_init__(self):
-        if not (0 <= self.name_rate <= 1 and self.shift >= 0 and 0 <= self.frame <= 1 and 0 <= self.tint <= 1
-                and 0 <= self.unnamed <= 1):
-            raise ValueError(f"demo design out of range: {self} (name_rate, frame, tint, unnamed in [0, 1], shift >= 0)")
+        if not (0 <= self.name_rate <= 1 and 0 <= self.tint <= 1 and 0 <= self.unnamed <= 1):
+            raise ValueError(f"demo design out of range: {self} (name_rate, tint, unnamed in [0, 1])")
 
 
 DEFAULT_DESIGN = Design()
-# the first design (the README's "what did not work"): downstream pixel shift, class names in every caption
-ORIGINAL_DESIGN = Design(shift=1.0, name_rate=1.0, style=False, frame=0.0, tint=0.0, hue_drift=0.0, unnamed=0.0,
-                         centred=False)
 
 
 @dataclass(frozen=True)
@@ -65,7 +57,7 @@ class DemoTask:
     templates: tuple[Callable[[str], str], ...]
     captions: tuple[str, ...]  # pretraining caption formats with "{c}" (class) and "{k}" (colour)
     aliases: tuple[str, ...]  # a second name per class, used by captions that do not name the class
-    mask: Callable[..., np.ndarray]  # (rng, label, clean, split, centred) -> [32,32] float in [0,1]
+    mask: Callable[..., np.ndarray]  # (rng, label, split, centred) -> [32,32] float in [0,1]
 
 
 # ----------------------------------------------------------------------------- drawing helpers
@@ -129,13 +121,13 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return (data[:, :-1].reshape(-1, 8, 8) / 16.0).astype(np.float32), data[:, -1].astype(np.int64)
 
 
-def _digit_mask(rng, label, clean, split, centred=False):
+def _digit_mask(rng, label, split, centred=False):
     imgs, target = _digits()
     # disjoint source images per split: train 3/5, val 1/5, test 1/5 (by index modulo 5)
     part = {"train": (0, 1, 2), "val": (3,), "test": (4,), "pretrain": (0, 1, 2)}[split]
     idx = np.flatnonzero((target == label) & np.isin(np.arange(len(target)) % 5, part))
     src = Image.fromarray((imgs[rng.choice(idx)] * 255).astype(np.uint8))
-    s = int(rng.integers(26, 31) if centred else rng.integers(22, 31) if clean else rng.integers(20, 31)) * SS
+    s = int(rng.integers(26, 31) if centred else rng.integers(22, 31)) * SS
     im, _ = _new()
     o = ((SIZE * SS - s) // 2 + rng.integers(-SS, SS + 1, size=2) if centred
          else rng.integers(0, SIZE * SS - s + 1, size=2))
@@ -151,24 +143,22 @@ def _font(size: int):
 LETTERS = tuple("abcdefhkmr")
 
 
-def _letter_mask(rng, label, clean, split, centred=False):
+def _letter_mask(rng, label, split, centred=False):
     im, d = _new()
-    size = int(rng.integers(50, 58) if centred else rng.integers(40, 54) if clean else rng.integers(38, 54))
+    size = int(rng.integers(50, 58) if centred else rng.integers(40, 54))
     upper = rng.random() < 0.5
     ch = LETTERS[label].upper() if upper else LETTERS[label]
     c = SIZE * SS / 2 + rng.uniform(*((-2, 2) if centred else (-8, 8)), size=2)
     d.text((c[0], c[1]), ch, font=_font(size), fill=255, anchor="mm")
-    if not clean:
-        im = im.rotate(float(rng.uniform(-10, 10)), resample=Image.BILINEAR)
     return _down(im)
 
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "ring")
 
 
-def _shape_mask(rng, label, clean, split, centred=False):
+def _shape_mask(rng, label, split, centred=False):
     im, d = _new()
-    r = rng.uniform(11, 13) * SS if centred else rng.uniform(9, 13) * SS if clean else rng.uniform(6, 12) * SS
+    r = rng.uniform(11, 13) * SS if centred else rng.uniform(9, 13) * SS
     c = (SIZE * SS / 2 + rng.uniform(-2, 2, size=2) * SS if centred
          else rng.uniform(r + 2, SIZE * SS - r - 2, size=2))
     _shape(d, SHAPES[label], c[0], c[1], r, rng.uniform(-0.3, 0.3))
@@ -178,9 +168,9 @@ def _shape_mask(rng, label, clean, split, centred=False):
 TEXTURES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard", "dots", "grid")
 
 
-def _texture_mask(rng, label, clean, split, centred=False):
+def _texture_mask(rng, label, split, centred=False):
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    p = rng.uniform(5, 8) if clean else rng.uniform(4, 9)
+    p = rng.uniform(5, 8)
     ph = rng.uniform(0, p, size=2)
     sq = lambda v: (np.sin(2 * np.pi * v / p) > 0).astype(np.float32)
     name = TEXTURES[label]
@@ -203,9 +193,9 @@ def _texture_mask(rng, label, clean, split, centred=False):
 COUNTS = ("one", "two", "three", "four", "five", "six")
 
 
-def _count_mask(rng, label, clean, split, centred=False):
+def _count_mask(rng, label, split, centred=False):
     im, d = _new()
-    r = (rng.uniform(2.5, 3.5) if clean else rng.uniform(2.0, 3.5)) * SS
+    r = rng.uniform(2.5, 3.5) * SS
     pts: list[np.ndarray] = []
     while len(pts) < label + 1:  # rejection sampling of non-overlapping dots
         p = rng.uniform(r + 1, SIZE * SS - r - 1, size=2)
@@ -219,11 +209,11 @@ def _count_mask(rng, label, clean, split, centred=False):
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 
 
-def _position_mask(rng, label, clean, split, centred=False):
+def _position_mask(rng, label, split, centred=False):
     im, d = _new()
     r = rng.uniform(3.5, 4.5) * SS
     cell = SIZE * SS / 3
-    j = (rng.uniform(-1.5, 1.5, size=2) if clean else rng.uniform(-3, 3, size=2)) * SS
+    j = rng.uniform(-1.5, 1.5, size=2) * SS
     cx, cy = (label % 3 + 0.5) * cell + j[0], (label // 3 + 0.5) * cell + j[1]
     _shape(d, SHAPES[int(rng.integers(0, 3))], cx, cy, r, 0.0)
     return _down(im)
@@ -232,9 +222,9 @@ def _position_mask(rng, label, clean, split, centred=False):
 ARROWS = ("right", "down right", "down", "down left", "left", "up left", "up", "up right")
 
 
-def _arrow_mask(rng, label, clean, split, centred=False):
+def _arrow_mask(rng, label, split, centred=False):
     im, d = _new()
-    L = rng.uniform(10, 13) * SS if clean else rng.uniform(7, 12) * SS
+    L = rng.uniform(10, 13) * SS
     a = label * np.pi / 4 + rng.uniform(-0.15, 0.15)
     c = SIZE * SS / 2 + rng.uniform(-4, 4, size=2) * SS
     u = np.array([np.cos(a), np.sin(a)])
@@ -251,7 +241,7 @@ COLORS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
 _HUES = (0.0, 30.0, 58.0, 120.0, 180.0, 225.0, 275.0, 320.0)
 
 
-def _color_mask(rng, label, clean, split, centred=False):
+def _color_mask(rng, label, split, centred=False):
     im, d = _new()
     r = rng.uniform(8, 12) * SS
     c = rng.uniform(r + 2, SIZE * SS - r - 2, size=2)
@@ -267,67 +257,35 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
 COLOR_ALIASES = ("scarlet", "tangerine", "lemon", "lime", "aqua", "navy", "violet", "rose")
 
 
-# per-task input statistics of the "style" design: background (h, s, v) and whether the ink is dark
-# (as SUN397, MNIST, EuroSAT and GTSRB differ in their pixel statistics)
-STYLES = {"Digits": ((225, 0.6, 0.25), False), "Letters": ((45, 0.15, 0.9), True),
-          "Shapes": ((120, 0.5, 0.25), False), "Textures": ((0, 0.0, 0.5), False),
-          "Count": ((0, 0.0, 0.05), False), "Position": ((200, 0.3, 0.85), True),
-          "Colors": ((0, 0.0, 0.2), False), "Arrows": ((0, 0.0, 0.95), True)}
-FRAME_COLOUR = np.array([1.0, 0.0, 1.0], dtype=np.float32)  # magenta, never drawn in pretraining
-FRAME_WIDTH = 2
+VEIL_COLOUR = np.array([1.0, 0.0, 1.0], dtype=np.float32)  # magenta, never drawn in pretraining
 
 
-def _scaled(lo_hi: tuple[float, float], s: float, neutral: float = 0.0) -> tuple[float, float]:
-    """A shift range moved towards `neutral` by strength s (exactly the range itself at s = 1)."""
-    return lo_hi if s == 1 else tuple(neutral + (v - neutral) * s for v in lo_hi)
-
-
-def _colours(rng, task: str, label: int, clean: bool, design: Design = DEFAULT_DESIGN, downstream: bool = True
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """Foreground colour, two background colours and the colour word of the foreground."""
-    dark_ink = design.style and STYLES[task][1]
+def _colours(rng, task: str, label: int, design: Design = DEFAULT_DESIGN, downstream: bool = True
+             ) -> tuple[np.ndarray, np.ndarray, str]:
+    """Foreground colour, background colour and the colour word of the foreground."""
     if task == "Colors":
+        h = _HUES[label] + rng.uniform(-8, 8)
         # downstream: a systematic hue drift towards the next class (white balance of another camera)
-        h = _HUES[label] + (rng.uniform(-8, 8) if clean else 22 * design.shift + rng.uniform(-9, 9))
         h += design.hue_drift if downstream else 0.0
         fg = _hsv(h, rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))
         word = COLORS[label]
     else:
         k = int(rng.integers(0, len(COLORS)))
-        if design.style:  # ink value drawn first: the order the README's issue-14 runs were measured with
-            v = rng.uniform(0.25, 0.45) if dark_ink else rng.uniform(0.7, 1.0)
-            fg = _hsv(_HUES[k] + rng.uniform(-8, 8), rng.uniform(0.6, 1.0), v)
-        else:  # the original draw order (hue, saturation, value): the default data and zoo are unchanged
-            fg = _hsv(_HUES[k] + rng.uniform(-8, 8), rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))
+        fg = _hsv(_HUES[k] + rng.uniform(-8, 8), rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))
         word = COLORS[k]
-    if design.style:
-        bg1 = _hsv(*STYLES[task][0]) + rng.uniform(-0.05, 0.05, size=3).astype(np.float32)
-    else:
-        g = rng.uniform(0.0, 0.3)
-        bg1 = np.full(3, g, dtype=np.float32) + rng.uniform(-0.05, 0.05, size=3).astype(np.float32)
-    bg2 = bg1 if clean else np.clip(bg1 + rng.uniform(*_scaled(SHIFT["gradient"], design.shift), size=3),
-                                    0, 1).astype(np.float32)
-    return fg, bg1, bg2, word
+    g = rng.uniform(0.0, 0.3)
+    bg = np.full(3, g, dtype=np.float32) + rng.uniform(-0.05, 0.05, size=3).astype(np.float32)
+    return fg, bg, word
 
 
-def _compose(rng, task: str, mask: np.ndarray, label: int, clean: bool, design: Design = DEFAULT_DESIGN,
+def _compose(rng, task: str, mask: np.ndarray, label: int, design: Design = DEFAULT_DESIGN,
              downstream: bool = True) -> tuple[np.ndarray, str]:
-    fg, bg1, bg2, word = _colours(rng, task, label, clean, design, downstream)
-    t = np.linspace(0, 1, SIZE, dtype=np.float32)
-    a = rng.uniform(0, 2 * np.pi)
-    ramp = np.clip(0.5 + 0.5 * (np.cos(a) * t[None, :] + np.sin(a) * t[:, None] - 0.5 * (np.cos(a) + np.sin(a))), 0, 1)
-    bg = bg1 + (bg2 - bg1) * ramp[..., None]
+    fg, bg, word = _colours(rng, task, label, design, downstream)
+    # the angle of a background gradient that only the shifted designs of commit 2c6eac4 showed: still drawn,
+    # and the background still mixed in float64, so that every seed's data stay bit for bit as they were
+    rng.uniform(0, 2 * np.pi)
     m = mask[..., None]
-    img = bg * (1 - m) + fg * m
-    if not clean:
-        # downstream shift: colour cast, lowered contrast, sensor noise
-        if task == "Colors":
-            cast = rng.uniform(*_scaled((0.85, 1.0), design.shift, 1.0), size=3).astype(np.float32)
-            img = img * cast
-        contrast = rng.uniform(*_scaled(SHIFT["contrast"], design.shift, 1.0))
-        img = img.mean() + (img - img.mean()) * contrast
-        noise = rng.uniform(*_scaled(SHIFT["noise"], design.shift))
-        img = img + rng.normal(0, noise, size=img.shape).astype(np.float32)
+    img = bg.astype(np.float64) * (1 - m) + fg * m
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), word
 
 
@@ -378,19 +336,16 @@ def _rng(seed: int, task: str, split: str) -> np.random.Generator:
     return np.random.default_rng([seed, TASK_NAMES.index(task), (*SPLITS, "pretrain").index(split)])
 
 
-def render(task: str, label: int, rng: np.random.Generator, clean: bool, split: str,
+def render(task: str, label: int, rng: np.random.Generator, split: str,
            design: Design = DEFAULT_DESIGN) -> tuple[np.ndarray, str]:
-    """One image (uint8 [32, 32, 3]) of class `label` and the colour word of its foreground. `clean`
-    draws it as pretraining does; downstream splits of a design with a frame get the frame."""
+    """One image (uint8 [32, 32, 3]) of class `label` and the colour word of its foreground. Downstream
+    splits ("train", "val", "test") get the design's veil and Colors hue drift; "pretrain" gets neither."""
     spec = TASKS[task]
     downstream = split != "pretrain"
-    img, word = _compose(rng, task, spec.mask(rng, label, clean, split, design.centred), label, clean, design,
-                         downstream)
-    if downstream and (design.frame > 0 or design.tint > 0):
-        f = np.full((SIZE, SIZE, 1), design.tint, dtype=np.float32)
-        for band in (np.s_[:FRAME_WIDTH], np.s_[-FRAME_WIDTH:], np.s_[:, :FRAME_WIDTH], np.s_[:, -FRAME_WIDTH:]):
-            f[band] = max(design.frame, design.tint)
-        img = (img * (1 - f) + FRAME_COLOUR * 255 * f).round().astype(np.uint8)
+    img, word = _compose(rng, task, spec.mask(rng, label, split, design.centred), label, design, downstream)
+    if downstream and design.tint > 0:
+        f = np.float32(design.tint)
+        img = (img * (1 - f) + VEIL_COLOUR * 255 * f).round().astype(np.uint8)
     return img, word
 
 
@@ -410,8 +365,7 @@ def generate(task: str, split: str, seed: int = 0, n: int | None = None,
     rng = _rng(seed, task, split)
     C = len(TASKS[task].classnames)
     labels = rng.permutation(np.arange(n) % C)
-    clean = design.shift == 0  # no shift: downstream images are drawn as pretraining draws them
-    imgs = np.stack([render(task, int(y), rng, clean, split, design)[0] for y in labels])
+    imgs = np.stack([render(task, int(y), rng, split, design)[0] for y in labels])
     imgs.setflags(write=False)
     labels.setflags(write=False)
     return imgs, labels.astype(np.int64)
@@ -433,7 +387,7 @@ def pretrain_data(tasks: tuple[str, ...], n_per_task: int, seed: int = 0,
         C = len(spec.classnames)
         for i in range(n_per_task):
             y = i % C
-            img, word = render(task, y, rng, True, "pretrain", design)
+            img, word = render(task, y, rng, "pretrain", design)
             fmt = spec.captions[int(rng.integers(0, len(spec.captions)))]
             named = design.name_rate >= 1 or rng.random() < design.name_rate  # no draw: old streams kept
             c = spec.classnames[y] if named and _nameable(C, y, design) else spec.aliases[y]

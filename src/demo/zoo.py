@@ -55,10 +55,7 @@ class ZooConfig:
     threads: int = 1  # results depend on the float reduction order: record it
     version: int = ZOO_VERSION
     # the data design: the fields of src.demo.tasks.Design, with its defaults
-    shift: float = T.DEFAULT_DESIGN.shift
     name_rate: float = T.DEFAULT_DESIGN.name_rate
-    style: bool = T.DEFAULT_DESIGN.style
-    frame: float = T.DEFAULT_DESIGN.frame
     tint: float = T.DEFAULT_DESIGN.tint
     hue_drift: float = T.DEFAULT_DESIGN.hue_drift
     unnamed: float = T.DEFAULT_DESIGN.unnamed
@@ -70,6 +67,13 @@ class ZooConfig:
     @property
     def design(self) -> T.Design:
         return T.Design(**{f.name: getattr(self, f.name) for f in dataclasses.fields(T.Design)})
+
+
+# Design fields removed after commit 2c6eac4, which has them (they rebuilt data designs that did not work),
+# by the config field they followed. Signatures still record them at the one value every zoo since has,
+# in their old places, so that a config's signature, and the zoo.json and pretrain.json of a zoo built
+# before the removal, stay byte for byte what they were: such a zoo is reused, not rebuilt.
+RETIRED_FIELDS = {"version": {"shift": 0.0}, "name_rate": {"style": False, "frame": 0.0}}
 
 
 CONFIGS: dict[str, ZooConfig] = {
@@ -228,6 +232,10 @@ def accuracy(encoder: torch.nn.Module, head, task: str, split: str,
 def stored_config(path: str | Path) -> ZooConfig:
     """The ZooConfig a built zoo was made with (from its zoo.json), e.g. for its data design."""
     c = json.loads((Path(path) / "zoo.json").read_text())["signature"]["config"]
+    for name, value in (kv for retired in RETIRED_FIELDS.values() for kv in retired.items()):
+        if c.pop(name, value) != value:
+            raise ValueError(f"{path} was built with the data design field {name}, which this code no longer "
+                             "has: commit 2c6eac4 makes that data")
     return ZooConfig(**{**c, "tasks": tuple(c["tasks"])})
 
 
@@ -297,13 +305,23 @@ def task_arithmetic_report(model_name: str, zs: dict, fts: dict, heads: dict, ta
 
 
 # ----------------------------------------------------------------------------- build / reuse
+def _config_record(cfg: ZooConfig) -> dict:
+    """The config as signatures store it: its fields, with the RETIRED_FIELDS in their old places."""
+    out = {}
+    for name, value in dataclasses.asdict(cfg).items():
+        out[name] = value
+        out.update(RETIRED_FIELDS.get(name, {}))
+    return out
+
+
 def _signature(model_name: str, cfg: ZooConfig, seed: int) -> dict:
     # JSON round trip so that it compares equal to the stored copy (tuples become lists)
-    return json.loads(json.dumps({"model": model_name, "seed": seed, "config": dataclasses.asdict(cfg),
+    return json.loads(json.dumps({"model": model_name, "seed": seed, "config": _config_record(cfg),
             "vocab_size": get_demo_tokenizer(model_name).vocab_size, "torch": torch.__version__}))
 
 
 def _pretrain_signature(model_name: str, cfg: ZooConfig, seed: int) -> dict:
+    # "style" is a retired field, kept so that the stored pretraining signatures still match
     keep = ("tasks", "pretrain_per_task", "pretrain_steps", "pretrain_batch", "pretrain_lr", "weight_decay",
             "warmup", "grad_clip", "threads", "version", "name_rate", "style", "pretrain_group", "centred",
             "unnamed")
@@ -457,8 +475,11 @@ def with_overrides(cfg: ZooConfig, items: list[str]) -> ZooConfig:
     """`cfg` with KEY=VALUE overrides of its scalar fields (the `--set` of the command lines)."""
     fields = {f.name: f for f in dataclasses.fields(cfg) if f.name not in ("tasks", "version")}
     kw = {}
+    retired = {name for r in RETIRED_FIELDS.values() for name in r}
     for item in items:
         k, sep, v = item.partition("=")
+        if sep and k in retired:
+            raise SystemExit(f"--set {item!r}: {k} was removed from the data design; commit 2c6eac4 has it")
         if not sep or k not in fields:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
         kind = type(getattr(cfg, k))
