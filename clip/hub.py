@@ -7,7 +7,7 @@ fetched (safetensors when the repository has them), and only with ``download=Tru
 otherwise the standard hub cache alone is read (``local_files_only``). The snapshot folders then go
 through the same safe loader as local Hugging Face folders (``clip.hf``): nothing is unpickled unsafely.
 
-``huggingface_hub`` is optional: ``pip install -r requirements-hf.txt``.
+``huggingface_hub`` is optional: ``pip install -e ".[hf]"`` (the ``hf`` extra of pyproject.toml).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from clip.checkpoint import CheckpointError
 from clip.hf import _LAYER, _weight_files, load_hf_folder
 from clip.layout import HF_NAMES, HF_TASK_IDS, CheckpointSet, _strip_val
 
-INSTALL_HINT = "pip install -r requirements-hf.txt"
+INSTALL_HINT = 'pip install -e ".[hf]"'
 ZEROSHOT_OWNER, FINETUNED_OWNER = "openai", "tanganke"
 SAFETENSORS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
 PYTORCH_BIN = ["config.json", "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--convention", choices=("auto", *conventions.CONVENTIONS), default="auto",
                             help="whose class names, templates and data the heads follow: task_vectors, tsv or "
                                  "fusionbench (default auto: the checkpoint layout's, hf -> fusionbench)")
-    hub = p.add_argument_group("Hugging Face hub and evaluation speed (hub: pip install -r requirements-hf.txt)")
+    hub = p.add_argument_group('Hugging Face hub and evaluation speed (hub: pip install -e ".[hf]")')
     hub.add_argument("--source", choices=("local", "hf"), default="local",
                      help="checkpoints: local files under --base_dir, or FusionBench's from the Hugging Face hub "
                           "(openai/clip-vit-*, tanganke/clip-vit-*_<task>): the hub cache only, fetched with "

@@ -114,13 +114,13 @@ def offline(fake_hub, tmp_path, monkeypatch):
 def test_missing_optional_packages_say_what_to_install(offline, monkeypatch, tmp_path, capsys):
     args = ["--model", "demo-micro", "--tasks", "MNIST", "--base_dir", str(tmp_path), "--logs", str(tmp_path / "l")]
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
-    with pytest.raises(SystemExit, match=r"--data-source hf needs the optional package 'datasets': pip install -r "
-                                         r"requirements-hf.txt"):
+    with pytest.raises(SystemExit, match=r"--data-source hf needs the optional package 'datasets': "
+                                         r"pip install -e \"\.\[hf\]\""):
         main.main(args + ["--source", "hf", "--data-source", "hf"])
     assert "building zero-shot heads" not in capsys.readouterr().out  # said before any work
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     monkeypatch.setitem(sys.modules, "huggingface_hub.constants", None)
-    with pytest.raises(SystemExit, match=r"needs the optional package 'huggingface_hub.*requirements-hf.txt"):
+    with pytest.raises(SystemExit, match=r"needs the optional package 'huggingface_hub.*pip install -e \"\.\[hf\]\""):
         main.main(args + ["--source", "hf"])
     assert not (tmp_path / "l").exists()
 
