@@ -95,6 +95,13 @@ def _auto_or(row: dict, name: str):
     return value
 
 
+def _coef_of(row: dict):
+    """The merge coefficient of a configuration: coefficients tuned over different grids (--coef-grid) are
+    different configurations, e.g. 'auto (tsv grid)'."""
+    value, grid = _auto_or(row, "scaling_coef"), row.get("scaling_coef_grid_name")
+    return f"auto ({grid} grid)" if value == "auto" and isinstance(grid, str) else value
+
+
 def _own_options(row: dict) -> dict:
     """The method's options without those already logged as top-level coefficient fields."""
     options = dict(row.get("options") or {})
@@ -120,11 +127,9 @@ def config_of(row: dict) -> dict:
     config.update(
         svc=svc,
         alpha=_auto_or(row, "alpha") if svc else None,
-        scaling_coef=_auto_or(row, "scaling_coef"),
+        scaling_coef=_coef_of(row),
         options=json.dumps(_own_options(row), sort_keys=True),
     )
-    if config["scaling_coef"] == "auto":  # coefficients tuned over different grids are different configurations
-        config["coef_grid"] = row.get("scaling_coef_grid_name") or row.get("scaling_coef_grid")
     if svc:  # SVC variants (key filter, single target task, row space, compute dtype)
         config.update({k: row.get(k) for k in SVC_FIELDS})
     return config
@@ -169,9 +174,6 @@ def _label_parts(config: dict, differing: set[str]) -> list[str]:
         parts.append(f"coef={_fmt(config['scaling_coef'])}")
     if "alpha" in differing:
         parts.append(f"alpha={_fmt(config['alpha'])}")
-    if "coef_grid" in differing:
-        grid = config.get("coef_grid")
-        parts.append(f"grid={grid if isinstance(grid, str) or grid is None else f'{len(grid)} values'}")
     parts += [f"{k.removeprefix('svc_')}={_fmt(config.get(k))}" for k in SVC_FIELDS if k in differing]
     for key in sorted(k for k in differing if k.startswith("options.")):
         value = json.loads(config["options"]).get(key[len("options."):], "-")
@@ -195,9 +197,6 @@ def label_configs(configs: list[dict]) -> list[str]:
             flat.append(c)
         keys = set().union(*flat)
         differing = {k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1}
-        tuned = [f for f in flat if f.get("scaling_coef") == "auto"]  # only tuned runs have a grid to tell apart
-        if len({json.dumps(f.get("coef_grid"), default=str) for f in tuned}) < 2:
-            differing.discard("coef_grid")
         for i in idx:
             parts = _label_parts(configs[i], differing)
             labels[i] = f"{base} ({', '.join(parts)})" if parts else base
