@@ -585,15 +585,23 @@ def setup_check(record: dict, tolerance: float = DEFAULT_TOLERANCE, data: Publis
 
 # ----------------------------------------------------------------------------- command line
 def listing(data: Published | None = None) -> str:
-    """Markdown list of the configurations that have published numbers, grouped by source."""
+    """Markdown list of the configurations that have published numbers: per source, per checkpoint family, model
+    and task count, the methods with their settings and what is published (per task values, averages)."""
     data = data if data is not None else load()
     lines = []
     for key, source in data.sources.items():
-        entries = [e for e in data.entries if e.source.key == key]
         lines.append(f"- **{key}** ({source.label}): {source.cite}")
-        for e in entries:
-            what = "per task + Avg" if e.acc and e.avg else "per task" if e.acc else "Avg"
-            lines.append(f"  - {e.describe()}: {what}{' + normalised Avg' if e.norm else ''}")
+        groups: dict[tuple, list[str]] = {}
+        for e in (e for e in data.entries if e.source.key == key):
+            what = "+".join(x for x, has in (("per task", e.acc), ("Avg", e.avg), ("normalised Avg", e.norm)) if has)
+            method = REFERENCE_METHODS.get(e.method, e.method)
+            groups.setdefault((e.family, e.model, e.tasks), []).append(
+                f"{method}{f' ({e.settings()})' if e.settings() else ''} [{what}]")
+        merged: dict[tuple, list[int]] = {}  # task counts with the same methods share a line
+        for (family, model, tasks), methods in groups.items():
+            merged.setdefault((family, model, "; ".join(methods)), []).append(tasks)
+        for (family, model, methods), counts in merged.items():
+            lines.append(f"  - {family} checkpoints, {model}, {'/'.join(map(str, counts))} tasks: {methods}")
     return "\n".join(lines) + "\n"
 
 

@@ -230,6 +230,19 @@ def test_old_lines_without_the_newer_fields(tmp_path, capsys):
     assert "Iso-C: no published number" in out and "tuned over the tsv grid" in out
 
 
+def test_runs_tuned_over_other_grids_are_other_rows(tmp_path, capsys):
+    """The Iso/TSV numbers were tuned over the TSV grid: a run tuned over ours is its own row, without them."""
+    default_grid = [round(0.05 * i, 2) for i in range(1, 21)]
+    folder = write(tmp_path / "ViT-B-32", [
+        line("TA", "tsv", scaling_coef=0.3, scaling_coef_grid_name="tsv", scaling_coef_grid=TSV_GRID),
+        line("TA", "tsv", scaling_coef=0.35, scaling_coef_grid_name="default", scaling_coef_grid=default_grid),
+    ])
+    results.main([str(folder), "--reference"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ")]
+    assert rows[1].startswith("| TA (coef=auto (tsv grid)) |") and rows[2].endswith("| ISO-T1 |")
+    assert rows[3].startswith("| TA (coef=auto (default grid)) |") and rows[3].endswith("| no published number |")
+
+
 # ----------------------------------------------------------------------------- the data file
 def _data(tmp_path, mutate):
     raw = json.loads(published.DATA_FILE.read_text())
@@ -289,3 +302,15 @@ def test_example_writes_a_results_file_the_table_reads(tmp_path, capsys):
     assert "55.60!" in out and out.count("↳ published") == 3 and out.count("| no published number |") == 2
     with pytest.raises(FileExistsError, match="never overwrites"):
         published.write_example(tmp_path)
+
+
+def _block(doc: str, name: str) -> str:
+    start = doc.index(f"<!-- {name}:")
+    return doc[doc.index("\n", start) + 1:doc.index(f"<!-- end {name} -->")]
+
+
+def test_docs_show_the_current_listing_and_example(tmp_path, capsys):
+    doc = (published.DATA_FILE.parent.parent / "docs" / "published-numbers.md").read_text()
+    assert _block(doc, "listing") == published.listing()
+    results.main([str(published.write_example(tmp_path).parent), "--reference"])
+    assert _block(doc, "example") == capsys.readouterr().out
