@@ -583,6 +583,15 @@ def setup_check(record: dict, tolerance: float = DEFAULT_TOLERANCE, data: Publis
     return lines
 
 
+def log_lines(record: dict, tolerance: float = DEFAULT_TOLERANCE) -> list[str]:
+    """``setup_check`` for a run's text log that never stops the run: a damaged data file gives one line
+    saying so instead of an exception (main.py calls this after the accuracies are known)."""
+    try:
+        return setup_check(record, tolerance)
+    except PublishedDataError as err:
+        return [f"published check: skipped: {err}"]
+
+
 # ----------------------------------------------------------------------------- command line
 def listing(data: Published | None = None) -> str:
     """Markdown list of the configurations that have published numbers: per source, per checkpoint family, model

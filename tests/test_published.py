@@ -281,6 +281,9 @@ def test_damaged_or_missing_data_file_on_the_command_line(tmp_path, logdir, monk
     monkeypatch.setattr(published, "DATA_FILE", tmp_path / "gone.json")
     with pytest.raises(SystemExit, match="no such file; restore it"):
         results.main([str(logdir), "--reference"])
+    assert published.log_lines(line("zeroshot", "hf")) == [
+        f"published check: skipped: {tmp_path / 'gone.json'}: no such file; restore it (git checkout -- "
+        "src/published.json) or pass an existing data file"]  # a run is never stopped by the data file
     results.main([str(logdir)])  # the plain table never reads the data file
     assert "| Zero-shot" in capsys.readouterr().out
 
