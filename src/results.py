@@ -368,9 +368,13 @@ def _published_notes(table: Table, matches: dict, tolerance: float) -> list[str]
         for e in ([m.entry] if m.entry else []) + m.others:
             used.setdefault(e.source.key, e.source)
     notes += [f"{key}: {src.label}. {src.cite}" for key, src in used.items()]
+    unmatched: dict[str, list[str]] = {}  # reason -> rows: a demo sweep gives one line, not one per row
     for label, m in matches.items():
         if m.entry is None:
-            notes.append(f"{label}: no published number: {m.reason}.")
+            unmatched.setdefault(m.reason, []).append(label)
+    notes += [f"{'; '.join(labels)}: no published number: {reason}." for reason, labels in unmatched.items()]
+    for label, m in matches.items():
+        if m.entry is None:
             continue
         if m.entry.note:
             notes.append(f"{label}: {m.entry.source.key}: {m.entry.note}.")
