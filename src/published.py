@@ -369,7 +369,6 @@ def run_of(row: dict) -> Run:
     accuracy = row.get("accuracy") or {}
     tasks = row.get("tasks") or list(accuracy)
     options = row.get("options") if isinstance(row.get("options"), dict) else None
-    coef = None
     if row.get("scaling_coef") == "auto" or "scaling_coef_grid" in row or "scaling_coef_grid_name" in row:
         coef = ("tuned", _recorded_grid(row, method))
     else:
