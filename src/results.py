@@ -2,6 +2,7 @@
 
     python -m src.results logs/ViT-B-32 --format markdown
     python -m src.results logs/ViT-B-32/results.jsonl --format latex --out table.tex
+    python -m src.results logs/ViT-B-32 --reference      # published numbers beside ours (src/published.py)
 
 One row per configuration (merge method, with/without SVC, and whatever else differs:
 alpha, merge coefficient, method options, model, task set, checkpoints, convention, evaluation
@@ -9,6 +10,9 @@ data), one column per dataset, then the average absolute and the average normali
 configuration (e.g. several seeds) are shown as mean ± sample std, with their count n.
 The best value per column among the merged models is marked (bold; '*' in csv).
 Zero-shot and fine-tuned reference rows come first and are never marked.
+With --reference, each row with a published counterpart is followed by the published values, the difference of
+the averages and a source label (footnotes cite each source in full); zero-shot and fine-tuned cells further than
+--tolerance points from the published value are marked '!'. See docs/published-numbers.md.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import json
 import math
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -86,6 +90,13 @@ def _auto_or(row: dict, name: str):
     return value
 
 
+def _coef_of(row: dict):
+    """The merge coefficient of a configuration: coefficients tuned over different grids (--coef-grid) are
+    different configurations, e.g. 'auto (tsv grid)'."""
+    value, grid = _auto_or(row, "scaling_coef"), row.get("scaling_coef_grid_name")
+    return f"auto ({grid} grid)" if value == "auto" and isinstance(grid, str) else value
+
+
 def _own_options(row: dict) -> dict:
     """The method's options without those already logged as top-level coefficient fields."""
     options = dict(row.get("options") or {})
@@ -111,7 +122,7 @@ def config_of(row: dict) -> dict:
     config.update(
         svc=svc,
         alpha=_auto_or(row, "alpha") if svc else None,
-        scaling_coef=_auto_or(row, "scaling_coef"),
+        scaling_coef=_coef_of(row),
         options=json.dumps(_own_options(row), sort_keys=True),
     )
     if svc:  # SVC variants (key filter, single target task, row space, compute dtype)
@@ -147,7 +158,7 @@ def _label_parts(config: dict, differing: set[str]) -> list[str]:
     if "model" in differing:
         parts.append(str(config["model"]))
     if "layout" in differing:
-        parts.append(f"{config['layout']} checkpoints")
+        parts.append(f"{config['layout']} checkpoints" if config["layout"] else "checkpoint layout not logged")
     if "tasks" in differing:
         parts.append(f"{len(config['tasks'])} tasks")
     if "convention" in differing:
@@ -203,6 +214,7 @@ class Table:
     n: pd.Series
     configs: dict[str, dict]
     reference: list[str]
+    rows: dict[str, dict] = field(default_factory=dict)  # the first results line of each row (src/published.py)
 
     def best(self, decimals: int = 2) -> pd.DataFrame:
         """Boolean mask: best mean per column among non-reference rows (ties at display precision all marked)."""
@@ -290,7 +302,10 @@ def summarize(rows: list[dict]) -> Table:
     std = grouped.std(ddof=1).reindex(order)
     n = grouped.size().reindex(order)
     config_by_label = {lab: json.loads(key) for key, lab in labels.items()}
-    return Table(mean=mean, std=std, n=n, configs=config_by_label, reference=order[: len(ref_keys)])
+    first = {}
+    for r, key in zip(rows, keys):
+        first.setdefault(labels[key], r)
+    return Table(mean=mean, std=std, n=n, configs=config_by_label, reference=order[: len(ref_keys)], rows=first)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -304,44 +319,129 @@ def _cell(mean: float, std: float, n: int, decimals: int, pm: str) -> str:
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}"}
 
 
 def _latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
-def render(table: Table, fmt: str = "markdown", decimals: int = 2) -> str:
-    """The table as markdown, csv or latex text."""
+DELTA, PUBLISHED = "Δ Avg", "Published"
+_SUBROW = {"markdown": "↳ published", "latex": r"\quad published"}  # csv: '<label> [published]'
+
+
+def _published_matches(table: Table) -> dict:
+    """Per row: the publication its results line matches, or why none does (src/published.py)."""
+    from src import published
+
+    data = published.load()
+    return {label: published.match(table.rows[label], data) for label in table.mean.index if label in table.rows}
+
+
+def _published_row(label: str, m, table: Table, fmt: str, decimals: int, show_n: bool) -> list[str]:
+    """The published values under row ``label``: per dataset where published, averages, difference, source."""
+    empty = "" if fmt == "csv" else "-"
+    acc, avg, norm = m.acc(), m.avg(), m.norm()
+    cells = [str(acc[c]) if c in acc else empty for c in table.mean.columns if c not in (AVG, NORM)]
+    cells += [str(avg) if avg is not None else empty, str(norm) if norm is not None else empty]
+    ours = table.mean.at[label, AVG]
+    delta = f"{ours - avg.value:+.{decimals}f}" if avg is not None and not math.isnan(ours) else empty
+    name = _SUBROW.get(fmt, f"{label} [published]")
+    return [name] + cells + ([""] if show_n else []) + [delta, m.label()]
+
+
+def _published_notes(table: Table, matches: dict, tolerance: float) -> list[str]:
+    """Footnotes: what the columns mean, each source in full, and per row why there is no published number,
+    which other publications give this configuration, and notes on the published values."""
+    notes = [f"{PUBLISHED}: the source of the 'published' row above it (src/published.json); {DELTA} = our Avg minus "
+             f"the published Avg, given only for the same task set. '!' marks a zero-shot or fine-tuned accuracy more "
+             f"than {tolerance:g} point(s) from the published value (--tolerance): look at that task's data, head "
+             "and preprocessing before trusting any merge."]
+    used = {}
+    for m in matches.values():
+        for e in ([m.entry] if m.entry else []) + m.others:
+            used.setdefault(e.source.key, e.source)
+    notes += [f"{key}: {src.label}. {src.cite}" for key, src in used.items()]
+    unmatched: dict[str, list[str]] = {}  # reason -> rows: a demo sweep gives one line, not one per row
+    for label, m in matches.items():
+        if m.entry is None:
+            unmatched.setdefault(m.reason, []).append(label)
+    notes += [f"{'; '.join(labels)}: no published number: {reason}." for reason, labels in unmatched.items()]
+    for label, m in matches.items():
+        if m.entry is None:
+            continue
+        if m.entry.note:
+            notes.append(f"{label}: {m.entry.source.key}: {m.entry.note}.")
+        if m.others:
+            notes.append(f"{label}: also published for this configuration: {m.others_text()} "
+                         f"(the row shows {m.entry.source.key}).")
+    return notes
+
+
+def render(table: Table, fmt: str = "markdown", decimals: int = 2, reference: bool = False,
+           tolerance: float = 1.0) -> str:
+    """The table as markdown, csv or latex text. With ``reference``, each row that has a published counterpart
+    is followed by the published values, the difference of the averages and the source; cells of zero-shot and
+    fine-tuned rows more than ``tolerance`` points from the published value are marked '!'; footnotes cite the
+    sources and say why a row has no published number."""
     if fmt not in ("markdown", "csv", "latex"):
         raise ValueError(f"unknown format {fmt!r}: use markdown, csv or latex")
+    if reference:
+        from src.published import check_tolerance
+
+        tolerance = check_tolerance(tolerance)
+    matches = _published_matches(table) if reference else {}
     best = table.best(decimals)
     show_n = bool((table.n > 1).any())
     pm = {"markdown": " ± ", "csv": " ± ", "latex": r" $\pm$ "}[fmt]
     header = ["Method"] + list(table.mean.columns) + (["n"] if show_n else [])
+    header += [DELTA, PUBLISHED] if reference else []
     body = []
+    end_of_references = -1  # index of the last body line of the reference block
     for label in table.mean.index:
+        m = matches.get(label)
+        ours = {c: v for c, v in table.mean.loc[label].items() if c not in (AVG, NORM) and not math.isnan(v)}
+        off = m.deviations(ours, tolerance) if m is not None else {}
         cells = []
         for col in table.mean.columns:
             text = _cell(table.mean.at[label, col], table.std.at[label, col], int(table.n[label]), decimals, pm)
             if text and best.at[label, col]:
                 text = {"markdown": f"**{text}**", "csv": f"{text}*", "latex": rf"\textbf{{{text}}}"}[fmt]
+            if text and col in off:
+                text += "!"
             cells.append(text or ("" if fmt == "csv" else "-"))
-        body.append([label] + cells + ([str(int(table.n[label]))] if show_n else []))
+        row = [label] + cells + ([str(int(table.n[label]))] if show_n else [])
+        if reference:
+            row += ["", "" if m is not None and m.entry is not None else "no published number"]
+        body.append(row)
+        if m is not None and m.entry is not None:
+            body.append(_published_row(label, m, table, fmt, decimals, show_n))
+        if label in table.reference:
+            end_of_references = len(body) - 1
+    notes = _published_notes(table, matches, tolerance) if reference else []
 
     if fmt == "csv":
-        return pd.DataFrame(body, columns=header).to_csv(index=False)
+        return pd.DataFrame(body, columns=header).to_csv(index=False) + "".join(f"# {n}\n" for n in notes)
     if fmt == "markdown":
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in body]
-        return "\n".join(lines) + "\n"
-    lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
-             " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
+        return "\n".join(lines) + "\n" + ("\n" + "".join(f"- {n}\n" for n in notes) if notes else "")
+    escaped = [_latex_escape(h) for h in header]
+    if reference:
+        escaped[-2] = r"$\Delta$ Avg"
+    lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1 - reference) + ("l" if reference else "") + "}",
+             r"\toprule", " & ".join(escaped) + r" \\", r"\midrule"]
     for i, r in enumerate(body):
-        lines.append(" & ".join([_latex_escape(r[0])] + r[1:]) + r" \\")
-        if i == len(table.reference) - 1 and len(body) > len(table.reference):
+        cells = [r[0] if r[0] == _SUBROW["latex"] else _latex_escape(r[0])] + r[1:]
+        if reference:
+            cells[-1] = _latex_escape(cells[-1])
+        lines.append(" & ".join(cells) + r" \\")
+        if i == end_of_references and i < len(body) - 1:
             lines.append(r"\midrule")
     lines += [r"\bottomrule", r"\end{tabular}"]
+    if notes:
+        lines += [r"\par\footnotesize"] + [_latex_escape(n).replace("Δ", r"$\Delta$") + r"\par" for n in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -354,7 +454,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="write the table to this file instead of stdout")
     parser.add_argument("--pool-checkpoints", action="store_true",
                         help="average runs made on different checkpoints (e.g. several zoo seeds) into one row")
+    parser.add_argument("--reference", action="store_true",
+                        help="published numbers beside each row that has a published counterpart (src/published.json)")
+    parser.add_argument("--tolerance", type=float, default=None, metavar="POINTS",
+                        help="mark zero-shot / fine-tuned accuracies further than this from the published value "
+                             "(default 1; implies --reference)")
     args = parser.parse_args(argv)
+    reference = args.reference or args.tolerance is not None
+    tolerance = 1.0 if args.tolerance is None else args.tolerance
+    if not (tolerance >= 0 and math.isfinite(tolerance)):
+        parser.error(f"--tolerance {args.tolerance}: give a number of accuracy points >= 0")
     with warnings.catch_warnings(record=True) as caught:  # print warnings as plain lines
         warnings.simplefilter("always")
         try:
@@ -367,7 +476,15 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"no usable rows in {args.path}")
         if args.pool_checkpoints:
             rows = [{**r, "checkpoints": None} for r in rows]
-        text = render(summarize(rows), args.format, args.decimals)
+        damaged: tuple = ()
+        if reference:  # a damaged src/published.json: one line naming the file, the entry and the fix
+            from src.published import PublishedDataError
+
+            damaged = (PublishedDataError,)
+        try:
+            text = render(summarize(rows), args.format, args.decimals, reference=reference, tolerance=tolerance)
+        except damaged as err:
+            raise SystemExit(f"error: {err}") from None
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     if args.out:

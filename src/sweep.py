@@ -252,11 +252,11 @@ def ensure_demo_zoo(model: str, extra: list[str]) -> None:
 
 
 def print_table(folder: Path) -> bool:
-    """The results table of `folder` (as run.sh prints it); False if there is none."""
+    """The results table of `folder` (as run.sh prints it), published numbers beside ours; False if there is none."""
     from src import results
 
     try:
-        results.main([str(folder)])
+        results.main([str(folder), "--reference"])
     except SystemExit as err:
         return not err.code
     return True
