@@ -20,7 +20,7 @@ import clip
 import merge_func
 import utils
 from clip.hub import hub_checkpoints
-from src import tuning
+from src import published, tuning
 from src.args import REFERENCE_ROWS, default_tasks, split_folders
 from src.datasets import conventions
 from src.datasets.folder_sets import canonical_split_folders
@@ -135,6 +135,7 @@ def write_results(args, record: dict, accuracy: dict[str, float], times: dict[st
         lines.append(f"Normalized ACC: {record['normalized']:.2f}%")
     if record.get("svc"):
         lines.append(f"SVC alpha: {record['alpha']}")
+    lines += published.log_lines(record)  # zero-shot / fine-tuned rows far from the published values: check the setup
     lines.append("times: " + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()))
     text = "\n".join(lines) + "\n"
     print("\n" + text, flush=True)

@@ -136,11 +136,12 @@ def shown_commands() -> list[tuple[str, list[str]]]:
 
 
 def build_main_parser():
-    main = importlib.import_module("main")
-    builder = getattr(main, "build_parser", None)
-    if builder is None:  # flags may live in src/args.py
-        builder = importlib.import_module("src.args").build_parser
-    return builder()
+    """main.py's parser, with the example method of docs/adding-a-method.md registered (its commands use it)."""
+    from src.args import build_parser
+    from tests.test_new_method import doc_example, registered
+
+    with registered(doc_example()):
+        return build_parser()
 
 
 def parse_error(parser, argv: list[str]) -> str | None:
