@@ -1,6 +1,7 @@
 """Embedded demo benchmark: generated data, tokenizer, model sizes and the demo-micro zoo."""
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -114,9 +115,11 @@ def test_demo_tasks_are_registered():
 
 # ----------------------------------------------------------------------------- micro zoo
 @pytest.fixture(scope="module")
-def micro_zoo(tmp_path_factory):
+def micro_zoo(tmp_path_factory, micro_zoo_files):
+    """A copy of the session's demo-micro zoo: (its folder, the checkpoints folder holding it)."""
     base = tmp_path_factory.mktemp("ckpt")
-    return zoo.ensure_zoo("demo-micro", str(base)), base
+    shutil.copytree(micro_zoo_files, base, dirs_exist_ok=True)
+    return base / "demo-micro", base
 
 
 def test_micro_zoo_files_and_keys(micro_zoo):

@@ -1,5 +1,6 @@
 """Every plot writes a non-empty PNG and PDF, from synthetic task vectors or a hand-written results.jsonl."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -155,13 +156,11 @@ def test_spectral_commands_on_checkpoints(tmp_path):
         plots.main(["spectrum", *common[:5], "D", "--logs_dir", str(tmp_path / "logs")])
 
 
-def test_spectral_commands_default_to_the_models_own_tasks(tmp_path, monkeypatch):
+def test_spectral_commands_default_to_the_models_own_tasks(tmp_path, monkeypatch, micro_zoo_files):
     """Without --tasks, a demo model's plots use its task set, as main.py does (not the 8 CLIP tasks)."""
     from src.args import default_tasks
     from src.datasets.registry import resolve_tasks
-    from src.demo.zoo import ensure_zoo
-
-    ensure_zoo("demo-micro", str(tmp_path / "checkpoints"))
+    shutil.copytree(micro_zoo_files, tmp_path / "checkpoints")
     expected = resolve_tasks(default_tasks("demo-micro"))
     seen = []
     for name in ("plot_spectrum", "plot_coefficients"):
