@@ -211,7 +211,7 @@ def load_heads(args, ckpts, tasks: list[str], convention: str) -> dict:
     heads, missing = {}, []
     released_under = conventions.released_heads_convention(ckpts.layout)
     for task in tasks:
-        base = task[:-3] if task.endswith("Val") else task
+        base = utils.task_of(task)
         released = ckpts.heads.get(base)
         if released and Path(released).exists() and conventions.same_definitions(base, convention, released_under):
             heads[base] = clip.load_head(released)
@@ -287,7 +287,7 @@ def evaluate_finetuned(args, ckpts, encoder, heads, datasets: list[str],
     """Each fine-tuned encoder on its own task's split; cached for normalised accuracy."""
     accuracy, data = {}, {}
     for name in datasets:
-        base = name[:-3] if name.endswith("Val") else name
+        base = utils.task_of(name)
         if base not in ckpts.finetuned:
             raise SystemExit(f"no fine-tuned checkpoint for {base}: --eval-datasets must be among the merged tasks")
         load_into(encoder, ckpts.load_finetuned(base), source=str(ckpts.finetuned[base]))
@@ -310,7 +310,7 @@ def individual_for(args, ckpts, encoder, heads, datasets, restore, data: dict | 
     """Single-task accuracies on ``datasets`` for these checkpoints and this data (``data``: provenance
     per dataset, looked up when not given), measured once and cached, for normalised accuracy. The
     encoder is left holding ``restore``. Datasets of tasks without a fine-tuned checkpoint are left out."""
-    datasets = [d for d in datasets if (d[:-3] if d.endswith("Val") else d) in ckpts.finetuned]
+    datasets = [d for d in datasets if utils.task_of(d) in ckpts.finetuned]
     data = data if data is not None else describe_tasks(datasets, args.data_location, download=args.download,
                                                          convention=args.eval_convention)
     known = load_individual(args, fingerprint(ckpts), {d: data[d] for d in datasets})
@@ -446,7 +446,7 @@ def validate(args) -> None:
             raise ValueError(f"{flag} is empty: give 8, 14, 20, a named set or A,B,C (or leave {flag} out)")
     tasks = resolve_tasks(args.tasks or default_tasks(args.model))
     datasets = resolve_tasks(args.eval_datasets) if args.eval_datasets else tasks
-    unmerged = [d for d in datasets if d.removesuffix("Val") not in tasks]
+    unmerged = [d for d in datasets if utils.task_of(d) not in tasks]
     if merge == "finetuned" and unmerged:  # each dataset is evaluated with its own task's fine-tuned model
         raise ValueError(f"--merge finetuned: no fine-tuned model among --tasks for {unmerged}; "
                          "--eval-datasets must be among the merged tasks (or their Val splits)")

@@ -6,6 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from src.datasets.registry import get_dataset
+from utils import task_of
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -89,8 +90,7 @@ def evaluate_tasks(image_encoder: torch.nn.Module, tasks: list[str], heads: Mapp
         else:
             split = get_dataset(task, preprocess, data_location, batch_size=batch_size, num_workers=num_workers,
                                 download=download, convention=convention)
-        base = split.name[:-3] if split.name.endswith("Val") else split.name
-        head = heads.get(split.name, heads.get(base))
+        head = heads.get(split.name, heads.get(task_of(split.name)))
         if head is None:
             raise KeyError(f"no classification head for {split.name}; heads given for: {', '.join(heads)}")
         results[split.name] = evaluate(image_encoder, head, split.loader, device, progress, split.name, amp)

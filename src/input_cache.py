@@ -34,6 +34,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import Compose, Lambda, Normalize, ToTensor
 
+from utils import is_val
+
 CACHE_VERSION = 1
 MODES = ("auto", "all", "off")  # auto: the <Task>Val splits, which --scaling_coef/--alpha auto read 20-30 times
 
@@ -307,7 +309,7 @@ class InputCache:
         return None if self.mode == "off" else split_transform(preprocess)
 
     def stores(self, name: str) -> bool:
-        return self.mode == "all" or (self.mode == "auto" and name.endswith("Val"))
+        return self.mode == "all" or (self.mode == "auto" and is_val(name))
 
     def split(self, task: str, location, plan: SplitTransform, device, batch_size: int, num_workers: int,
               make_split: Callable) -> "CacheSplit":

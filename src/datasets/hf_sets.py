@@ -19,6 +19,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from src.datasets.registry import DatasetNotFoundError, DatasetSpec, split_train_val
+from utils import is_val
 
 HUB_LOCATION = "hf://"  # --data-location value that routes the registry's builders here
 DATA_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset",  # the datasets builder per file type
@@ -168,7 +169,7 @@ def ensure_hub_splits(names: list[str], download: bool = False) -> None:
             missing.append(f"{spec.name} has no Hugging Face dataset "
                            f"(--data-source hf covers {', '.join(HUB_DATASETS)})")
             continue
-        split = "train" if name.lower().endswith("val") else hub.test
+        split = "train" if is_val(name) else hub.test
         try:
             folder = snapshot(hub.repo, repo_type="dataset", download=download, allow_patterns=_patterns(hub, split),
                               error=DatasetNotFoundError)

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, random_split
 
 from src.datasets import conventions
+from utils import is_val, task_of, val_of
 
 Builder = Callable[..., Dataset]
 
@@ -58,7 +59,7 @@ def register_dataset(name: str, build: Builder, classnames: list, templates: lis
                      val_from_train: bool = True, requires: tuple[str, ...] = ()) -> None:
     """Register a task. With `val_from_train` the registry cuts "val" out of "train" itself. A builder that
     takes a `convention` keyword gets the run's convention (src.datasets.conventions)."""
-    if name.lower().endswith("val"):
+    if is_val(name):
         raise ValueError(f"dataset name {name!r} must not end in 'Val': '<Task>Val' names the validation split")
     _REGISTRY[name] = DatasetSpec(name, build, list(classnames), list(templates), val_from_train, tuple(requires))
 
@@ -82,16 +83,16 @@ def _parse(name: str) -> tuple[str, bool]:
     key = name.strip().lower()
     if key in lookup:
         return lookup[key], False
-    if key.endswith("val") and key[:-3] in lookup:
-        return lookup[key[:-3]], True
+    if is_val(key) and task_of(key) in lookup:
+        return lookup[task_of(key)], True
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(_REGISTRY))} "
                      f"(append 'Val' for the validation split)")
 
 
 def _canonical(name: str) -> str:
     """Registered spelling of a task name, keeping a 'Val' suffix."""
-    base, is_val = _parse(name)
-    return base + "Val" if is_val else base
+    base, val = _parse(name)
+    return val_of(base) if val else base
 
 
 def resolve_tasks(spec: str) -> list[str]:
@@ -247,7 +248,7 @@ def get_dataset(name: str, preprocess, location: str, batch_size: int = 128, num
     spec = get_spec(base, convention)
     dataset = load_split(base, split, preprocess, location, download, convention)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    label = f"{base}Val" if split == "val" else base
+    label = val_of(base) if split == "val" else base
     names = spec.classnames if spec.fixed_names else _classnames_of(dataset, spec.classnames)
     return DatasetSplit(label, names, spec.templates, dataset, loader, split=split, source=_source_of(dataset),
                         cut_from_train=spec.val_from_train and split != "test",
