@@ -37,6 +37,7 @@ from src.datasets.registry import NAMED_SETS, check_requirements, resolve_tasks
 from src.eval import describe_tasks, evaluate_tasks, pick_device
 from src.input_cache import MODES as INPUT_CACHE_MODES, InputCache
 from src.linalg import KEY_FILTERS
+from src.modeling import build_image_encoder
 from src.svc import check_alpha, default_alpha, svc
 from src.task_vectors import TaskVector
 
@@ -206,7 +207,7 @@ def load_task_vectors(ckpts, zeroshot, tasks: list[str]) -> list[TaskVector]:
 def load_heads(args, ckpts, tasks: list[str], convention: str) -> dict:
     """The released head when it was made with `convention`'s class names and templates, else the one cached for
     the convention (src.heads.head_path), else one built from CLIP's text tower and cached."""
-    from src.heads import get_classification_head, head_path
+    from src.heads import get_classification_head, head_path, load_head
 
     heads, missing = {}, []
     released_under = conventions.released_heads_convention(ckpts.layout)
@@ -214,9 +215,9 @@ def load_heads(args, ckpts, tasks: list[str], convention: str) -> dict:
         base = utils.task_of(task)
         released = ckpts.heads.get(base)
         if released and Path(released).exists() and conventions.same_definitions(base, convention, released_under):
-            heads[base] = clip.load_head(released)
+            heads[base] = load_head(released)
         elif head_path(ckpts.root, base, convention).exists():
-            heads[base] = clip.load_head(head_path(ckpts.root, base, convention))
+            heads[base] = load_head(head_path(ckpts.root, base, convention))
         else:
             missing.append(base)
     if missing:  # build from CLIP's text tower (needs the released OpenAI weights once)
@@ -528,7 +529,7 @@ def run(args) -> dict:
 
     with utils.timer(times, "load_seconds"):
         zeroshot_sd = ckpts.load_zeroshot(args.model)
-        encoder = clip.build_image_encoder(args.model, zeroshot_sd)
+        encoder = build_image_encoder(args.model, zeroshot_sd)
         heads = load_heads(args, ckpts, datasets, args.eval_convention)
     record: dict = {"model": args.model, "merge": merge, "svc": False, "alpha": None, "scaling_coef": None,
                     "tasks": tasks, "layout": ckpts.layout, "convention": args.eval_convention, "seed": args.seed,

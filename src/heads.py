@@ -1,12 +1,31 @@
-"""Zero-shot classification heads: load `head_<Task>.pt`, or build one from a CLIP text tower and cache it."""
+"""Zero-shot classification heads: load `head_<Task>.pt`, or build one from a CLIP text tower and cache it.
+
+clip/ reads and writes head files as plain data (`clip.checkpoint.HeadData`); the `ClassificationHead`
+modules are made here."""
+from __future__ import annotations
+
+import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from clip.checkpoint import HeadData, read_head, write_head
+from clip.factory import get_tokenizer
 from src.datasets import conventions
 from src.datasets.registry import DatasetNotFoundError, get_dataset, get_spec
 from src.modeling import ClassificationHead
+
+
+def load_head(path: str | os.PathLike) -> ClassificationHead:
+    """A head file (a pickled task_vectors/TSV ``ClassificationHead``, read safely, or ``save_head`` output)."""
+    data = read_head(path)
+    return ClassificationHead(data.normalize, data.weight, data.bias)
+
+
+def save_head(head: ClassificationHead, path: str | os.PathLike) -> None:
+    """Save ``head`` as a plain state dict (weight, bias, normalize) that ``load_head`` reads back."""
+    write_head(HeadData(bool(head.normalize), head.weight, head.bias), path)
 
 
 @torch.no_grad()
@@ -63,18 +82,16 @@ def get_classification_head(model_name: str, task: str, checkpoint_dir: str | Pa
     `clip_model` must carry the real text weights of `model_name` (the task_vectors checkpoints do not contain
     the text transformer), e.g. `clip.create_model(model_name, pretrained="openai")` (QuickGELU, as the OpenAI weights).
     """
-    import clip  # the repository's checkpoint package (safe loader)
-
     path = head_path(checkpoint_dir, task, convention)
     if path.exists():
-        return clip.load_head(path)
+        return load_head(path)
     if clip_model is None:
         raise FileNotFoundError(
             f"classification head {path} not found. Put the released head_{task}.pt there (it ships with the "
             f"task_vectors checkpoints), or pass a CLIP model with its {model_name} text tower to build it.")
-    tokenizer = tokenizer or clip.get_tokenizer(model_name)
+    tokenizer = tokenizer or get_tokenizer(model_name)
     names, templates = task_classnames(task, data_location, convention), get_spec(task, convention).templates
     head = build_zeroshot_head(clip_model, tokenizer, names, templates, device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clip.save_head(head, path)
+    save_head(head, path)
     return head
