@@ -32,7 +32,7 @@ from clip.save import check_save_path as check_save_path_of
 from src import tuning
 from src.datasets import conventions
 from src.datasets.folder_sets import canonical_split_folders, set_split_folders
-from src.datasets.hf_sets import HUB_LOCATION, ensure_hub_splits
+from src.datasets.hf_sets import ensure_hub_splits
 from src.datasets.registry import NAMED_SETS, check_requirements, resolve_tasks
 from src.eval import describe_tasks, evaluate_tasks, pick_device
 from src.input_cache import MODES as INPUT_CACHE_MODES, InputCache
@@ -230,7 +230,8 @@ def load_heads(args, ckpts, tasks: list[str], convention: str) -> dict:
         text_model = text_model or clip.create_model(args.model, pretrained="openai")  # QuickGELU, as OpenAI's
         for base in missing:
             heads[base] = get_classification_head(args.model, base, ckpts.root, args.data_location,
-                                                  clip_model=text_model, convention=convention)
+                                                  clip_model=text_model, convention=convention,
+                                                  source=args.data_source)
     return heads
 
 
@@ -304,7 +305,7 @@ def evaluate(args, encoder, heads, datasets: list[str], provenance: dict | None 
                           batch_size=args.batch_size, num_workers=args.num_workers,
                           progress=False if args.no_progress else None, amp=args.amp, seed=args.seed,
                           download=args.download, convention=args.eval_convention, provenance=provenance,
-                          input_cache=getattr(args, "inputs", None))
+                          input_cache=getattr(args, "inputs", None), source=args.data_source)
 
 
 def individual_for(args, ckpts, encoder, heads, datasets, restore, data: dict | None = None) -> dict[str, float]:
@@ -313,7 +314,7 @@ def individual_for(args, ckpts, encoder, heads, datasets, restore, data: dict | 
     encoder is left holding ``restore``. Datasets of tasks without a fine-tuned checkpoint are left out."""
     datasets = [d for d in datasets if utils.task_of(d) in ckpts.finetuned]
     data = data if data is not None else describe_tasks(datasets, args.data_location, download=args.download,
-                                                         convention=args.eval_convention)
+                                                         convention=args.eval_convention, source=args.data_source)
     known = load_individual(args, fingerprint(ckpts), {d: data[d] for d in datasets})
     todo = [d for d in datasets if d not in known]
     if todo:
@@ -506,8 +507,6 @@ def run(args) -> dict:
         args.num_workers = 0 if args.model.startswith("demo") and args.data_source == "local" else 2
     set_split_folders(split_folders(args.split_folder))  # before any dataset is read
     utils.read_json(individual_path(args), {})  # a damaged cache stops the run before any work
-    if args.data_source == "hf":  # the registry's builders read FusionBench's hub datasets (src/datasets/hf_sets.py)
-        args.data_location = HUB_LOCATION
     args.inputs = InputCache(args.input_cache_dir or os.path.join(args.base_dir, "cache", "inputs"), args.input_cache)
     times: dict[str, float] = {}
 

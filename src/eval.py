@@ -69,10 +69,11 @@ def evaluate_tasks(image_encoder: torch.nn.Module, tasks: list[str], heads: Mapp
                    preprocess, data_location: str, device: str | torch.device | None = None,
                    batch_size: int = 128, num_workers: int = 2, progress: bool | None = None,
                    amp: bool = False, seed: int = 0, download: bool = False, convention: str | None = None,
-                   provenance: dict | None = None, input_cache=None) -> dict[str, float]:
+                   provenance: dict | None = None, input_cache=None, source: str = "local") -> dict[str, float]:
     """Top-1 % per dataset, keyed by registered name. `XVal` evaluates X's validation split with the head
     `heads["XVal"]`, or `heads["X"]` when there is none (task_vectors' Val heads equal the test ones). The data
-    follow `convention` (src.datasets.conventions: EMNIST is letters under fusionbench).
+    follow `convention` (src.datasets.conventions: EMNIST is letters under fusionbench) and are read from `source`
+    ("local": folders under `data_location`; "hf": FusionBench's Hugging Face datasets, src/datasets/hf_sets.py).
 
     provenance: a dict filled in place with, per dataset, where its images came from and how many were
     evaluated ({"source": folder or file, "split": ..., "n": ...}; see `DatasetSplit.provenance`).
@@ -86,10 +87,10 @@ def evaluate_tasks(image_encoder: torch.nn.Module, tasks: list[str], heads: Mapp
         if plan is not None:
             split = input_cache.split(task, data_location, plan, device, batch_size, num_workers, lambda: get_dataset(
                 task, plan.pixels, data_location, batch_size=batch_size, num_workers=num_workers, download=download,
-                convention=convention))
+                convention=convention, source=source), source=source)
         else:
             split = get_dataset(task, preprocess, data_location, batch_size=batch_size, num_workers=num_workers,
-                                download=download, convention=convention)
+                                download=download, convention=convention, source=source)
         head = heads.get(split.name, heads.get(task_of(split.name)))
         if head is None:
             raise KeyError(f"no classification head for {split.name}; heads given for: {', '.join(heads)}")
@@ -100,8 +101,8 @@ def evaluate_tasks(image_encoder: torch.nn.Module, tasks: list[str], heads: Mapp
 
 
 def describe_tasks(tasks: list[str], data_location: str, download: bool = False,
-                   convention: str | None = None) -> dict[str, dict]:
+                   convention: str | None = None, source: str = "local") -> dict[str, dict]:
     """Provenance of each dataset as `evaluate_tasks` would record it, without evaluating anything."""
-    splits = [get_dataset(task, None, data_location, num_workers=0, download=download, convention=convention)
-              for task in tasks]
+    splits = [get_dataset(task, None, data_location, num_workers=0, download=download, convention=convention,
+                          source=source) for task in tasks]
     return {split.name: split.provenance for split in splits}

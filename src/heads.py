@@ -62,25 +62,27 @@ def head_path(checkpoint_dir: str | Path, task: str, convention: str | None = No
     return Path(checkpoint_dir) / f"head_{task}_{convention}.pt"
 
 
-def task_classnames(task: str, data_location: str, convention: str | None = None) -> list:
+def task_classnames(task: str, data_location: str, convention: str | None = None, source: str = "local") -> list:
     """Class names as the original derives them (from the data when it does), else the registered list."""
     spec = get_spec(task, convention)
     if spec.fixed_names:
         return spec.classnames
     try:
-        return get_dataset(task, None, data_location, num_workers=0, convention=convention).classnames
+        return get_dataset(task, None, data_location, num_workers=0, convention=convention, source=source).classnames
     except DatasetNotFoundError:
         return spec.classnames
 
 
 def get_classification_head(model_name: str, task: str, checkpoint_dir: str | Path, data_location: str,
                             clip_model: torch.nn.Module | None = None, device: str | torch.device = "cpu",
-                            tokenizer: Callable | None = None, convention: str | None = None) -> ClassificationHead:
+                            tokenizer: Callable | None = None, convention: str | None = None,
+                            source: str = "local") -> ClassificationHead:
     """Load `head_path(checkpoint_dir, task, convention)`, or build it with `clip_model`'s text tower from the
     convention's class names and templates, and save it there.
 
     `clip_model` must carry the real text weights of `model_name` (the task_vectors checkpoints do not contain
     the text transformer), e.g. `clip.create_model(model_name, pretrained="openai")` (QuickGELU, as the OpenAI weights).
+    Class names found in the data are read from `source` ("local" folders under `data_location`, or "hf").
     """
     path = head_path(checkpoint_dir, task, convention)
     if path.exists():
@@ -90,7 +92,7 @@ def get_classification_head(model_name: str, task: str, checkpoint_dir: str | Pa
             f"classification head {path} not found. Put the released head_{task}.pt there (it ships with the "
             f"task_vectors checkpoints), or pass a CLIP model with its {model_name} text tower to build it.")
     tokenizer = tokenizer or get_tokenizer(model_name)
-    names, templates = task_classnames(task, data_location, convention), get_spec(task, convention).templates
+    names, templates = task_classnames(task, data_location, convention, source), get_spec(task, convention).templates
     head = build_zeroshot_head(clip_model, tokenizer, names, templates, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_head(head, path)

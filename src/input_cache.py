@@ -312,14 +312,15 @@ class InputCache:
         return self.mode == "all" or (self.mode == "auto" and is_val(name))
 
     def split(self, task: str, location, plan: SplitTransform, device, batch_size: int, num_workers: int,
-              make_split: Callable) -> "CacheSplit":
+              make_split: Callable, source: str = "local") -> "CacheSplit":
         """``task``'s split as ``.name`` and ``.loader`` (batches of float images on ``device``, labels).
 
         ``make_split()`` builds the registry's DatasetSplit with ``plan.pixels`` as its transform; it is not
-        called again once this process has the entry open.
+        called again once this process has the entry open. ``source`` is the data source ``make_split`` reads
+        ("local" under ``location``, or "hf"): with ``location`` it tells entries apart within the process.
         """
         device = torch.device(device)
-        memo = (task, str(location), plan.description)
+        memo = (task, source, str(location), plan.description)
         if memo in self._open:
             name, provenance, images, labels = self._open[memo]
             return CacheSplit(name, CachedBatches(images, labels, plan.normalize, device, batch_size), provenance)

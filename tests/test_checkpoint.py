@@ -357,8 +357,9 @@ def test_text_tower_for_heads_uses_quick_gelu(monkeypatch, tmp_path):
     built = {}
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
     monkeypatch.setattr(src.heads, "get_classification_head",
-                        lambda model_name, task, root, data, clip_model, convention: built.setdefault(task, clip_model))
-    args = types.SimpleNamespace(model="ViT-B-32", data_location=str(tmp_path))
+                        lambda model_name, task, root, data, clip_model, convention, source:
+                        built.setdefault(task, clip_model))
+    args = types.SimpleNamespace(model="ViT-B-32", data_location=str(tmp_path), data_source="local")
     main.load_heads(args, types.SimpleNamespace(heads={}, root=tmp_path, layout="task_vectors"), ["MNISTVal"],
                     "task_vectors")
     assert calls == [("ViT-B-32", "openai", True)]

@@ -200,7 +200,7 @@ def test_missing_hub_checkpoints_name_the_repo_and_the_flag(offline, tmp_path):
 def test_missing_hub_dataset_or_split_is_a_clear_error(offline, tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError,
                        match=r"tanganke/dtd.*--download.*hf download tanganke/dtd --repo-type dataset"):
-        get_dataset("DTD", None, hf_sets.HUB_LOCATION, num_workers=0)
+        get_dataset("DTD", None, "unused", num_workers=0, source="hf")
     hub_set = hf_sets.HubSet("ylecun/mnist")
     with pytest.raises(DatasetNotFoundError, match=r"no 'validation' split files of dataset ylecun/mnist.*--download"):
         hf_sets.load_hub_split("MNIST", hf_sets.HubSet("ylecun/mnist", test="validation"), "test", None)
@@ -221,14 +221,14 @@ def test_missing_hub_dataset_or_split_is_a_clear_error(offline, tmp_path, monkey
 
 
 def test_hub_datasets_load_offline_with_our_val_rule(offline):
-    test = get_dataset("MNIST", None, hf_sets.HUB_LOCATION, num_workers=0)
+    test = get_dataset("MNIST", None, "unused", num_workers=0, source="hf")
     assert test.name == "MNIST" and len(test.dataset) == 12
     image, label = test.dataset[0]
     assert image.mode == "RGB" and image.size == (32, 32) and isinstance(label, int)
     assert test.dataset.cache_fingerprint()["files"] == ["mnist/test-00000-of-00001.parquet"]
-    sst2 = get_dataset("RenderedSST2", None, hf_sets.HUB_LOCATION, num_workers=0).dataset
+    sst2 = get_dataset("RenderedSST2", None, "unused", num_workers=0, source="hf").dataset
     assert [sst2[i][1] for i in range(len(sst2))] == [0, 0, 0, 1, 1, 1] and sst2[0][0].mode == "RGB"  # folder order
-    val = get_dataset("EuroSATVal", None, hf_sets.HUB_LOCATION, num_workers=0)  # a val folder locally: cut here
+    val = get_dataset("EuroSATVal", None, "unused", num_workers=0, source="hf")  # a val folder locally: cut here
     assert val.name == "EuroSATVal" and len(val.dataset) == 20  # 10 % of the 200 train rows, seed 0
     from src.datasets.registry import split_train_val
     train = hf_sets.load_hub_split("EuroSAT", hf_sets.HUB_DATASETS["EuroSAT"], "train", None)
@@ -294,8 +294,8 @@ def test_auto_coefficient_reads_cached_validation_inputs_with_identical_results(
     found = hub.hub_checkpoints("demo-micro", TASKS, tmp_path)
     encoder = build_image_encoder("demo-micro", found.load_zeroshot()).eval()
     for task in TASKS:
-        x, y = next(iter(get_dataset(task, encoder.val_preprocess, hf_sets.HUB_LOCATION, split="train",
-                                     batch_size=1000, num_workers=0).loader))
+        x, y = next(iter(get_dataset(task, encoder.val_preprocess, "unused", split="train", batch_size=1000,
+                                     num_workers=0, source="hf").loader))
         with torch.no_grad():
             f = torch.nn.functional.normalize(encoder(x), dim=-1)
         weights = torch.stack([f[y == c].mean(0) if (y == c).any() else f.mean(0) for c in range(10)])
