@@ -63,7 +63,7 @@ def imports_of(module: str, path: Path, modules: set[str]) -> set[str]:
             else:
                 source = node.module or ""
             # `from pkg import name`: the submodule pkg.name when there is one, else pkg itself
-            names = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else source for alias in node.names]
+            names = [f"{source}.{a.name}" if f"{source}.{a.name}" in modules else source for a in node.names]
         else:
             continue
         for name in names:
@@ -145,7 +145,8 @@ ALL_CYCLES = cycles(GRAPH)
 
 
 def test_the_graph_covers_the_repository():
-    assert {"main", "merge_func", "utils", "clip", "clip.factory", "src.modeling", "src.datasets.registry"} <= set(GRAPH)
+    expected = {"main", "merge_func", "utils", "clip", "clip.factory", "src.modeling", "src.datasets.registry"}
+    assert expected <= set(GRAPH)
     assert "clip.factory" in GRAPH["clip"] and "src.datasets.registry" in GRAPH["src.datasets.hf_sets"]
 
 
