@@ -24,10 +24,10 @@ from clip.factory import load_into
 from src import runs, tuning
 from src.args import DTYPES, build_parser, check_save_path, split_folders, validate
 from src.datasets.folder_sets import set_split_folders
-from src.datasets.hf_sets import HUB_LOCATION
 from src.eval import Evaluator, FinetunedCache, check_finite, evaluate_finetuned, finetuned_accuracies, pick_device
 from src.heads import load_heads
 from src.input_cache import InputCache
+from src.modeling import build_image_encoder
 from src.svc import check_alpha, svc
 from src.task_vectors import TaskVector
 
@@ -68,18 +68,18 @@ def run(args) -> dict:
     print(ckpts.describe(), flush=True)
 
     # 2. checkpoints and heads
-    data_location = HUB_LOCATION if args.data_source == "hf" else args.data_location or os.path.join(args.base_dir,
-                                                                                                      "data")
+    data_location = args.data_location or os.path.join(args.base_dir, "data")  # unused by --data-source hf
     with utils.timer(times, "load_seconds"):
         zeroshot_sd = ckpts.load_zeroshot(args.model)
-        encoder = clip.build_image_encoder(args.model, zeroshot_sd)
-        heads = load_heads(args.model, ckpts, plan.datasets, plan.convention, data_location)
+        encoder = build_image_encoder(args.model, zeroshot_sd)
+        heads = load_heads(args.model, ckpts, plan.datasets, plan.convention, data_location, args.data_source)
     num_workers = args.num_workers
     if num_workers is None:  # worker processes only add start-up time to generated in-memory data
         num_workers = 0 if args.model.startswith("demo") and args.data_source == "local" else 2
     inputs = InputCache(args.input_cache_dir or os.path.join(args.base_dir, "cache", "inputs"), args.input_cache)
     evaluate = Evaluator(data_location, device, plan.convention, args.batch_size, num_workers,
-                         False if args.no_progress else None, args.amp, args.seed, args.download, inputs)
+                         False if args.no_progress else None, args.amp, args.seed, args.download, inputs,
+                         args.data_source)
     record: dict = {"model": args.model, "merge": plan.merge, "svc": False, "alpha": None, "scaling_coef": None,
                     "tasks": plan.tasks, "layout": ckpts.layout, "convention": plan.convention, "seed": args.seed,
                     "threads": threads, "device": str(device), "source": args.source,

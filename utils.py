@@ -1,6 +1,8 @@
-"""Small helpers shared by main.py and the scripts: seeding, threads, timing, and
-safe writes of logs and results (an interrupted run never leaves half a line; concurrent
-runs never overwrite or lose each other's output)."""
+"""Small helpers shared by main.py, clip/ and src/: seeding, threads, timing, `<Task>Val` split names, and
+safe writes of logs, results and checkpoints (an interrupted run never leaves half a file; concurrent
+runs never overwrite or lose each other's output).
+
+The bottom layer: this module imports nothing from the project, so every package may import it."""
 from __future__ import annotations
 
 import json
@@ -48,6 +50,27 @@ def timer(times: dict[str, float], name: str) -> Iterator[None]:
         times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
 
+# ----------------------------------------------------------------------------- <Task>Val split names
+VAL_SUFFIX = "Val"  # "<Task>Val" names the validation split of <Task> (task_vectors' convention)
+
+
+def is_val(name: str) -> bool:
+    """Whether ``name`` names a validation split, e.g. ``MNISTVal``. Case-insensitive, as typed task names are
+    (no registered task name ends in 'val': the dataset registry refuses such names)."""
+    return len(name) > len(VAL_SUFFIX) and name.lower().endswith(VAL_SUFFIX.lower())
+
+
+def task_of(name: str) -> str:
+    """The task a split name belongs to: ``MNISTVal`` -> ``MNIST``; ``MNIST`` -> ``MNIST``."""
+    return name[: -len(VAL_SUFFIX)] if is_val(name) else name
+
+
+def val_of(name: str) -> str:
+    """The validation split name of a task (or of one of its splits): ``MNIST`` -> ``MNISTVal``."""
+    return task_of(name) + VAL_SUFFIX
+
+
+# ----------------------------------------------------------------------------- files
 def _new_file_mode() -> int:
     """Permissions a plain open() would give a new file (0666 minus the umask)."""
     umask = os.umask(0)
@@ -79,17 +102,19 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
             fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename. An existing file
-    keeps its permissions; a new one gets the ones open() would give it (not mkstemp's 0600)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Create or replace ``path`` atomically: ``write(tmp)`` fills a temporary file next to it, which is
+    flushed to disk and renamed over ``path``. An interrupted write leaves neither half a file nor the
+    temporary one. An existing file keeps its permissions; a new one gets the ones open() would give it
+    (not mkstemp's 0600). Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:  # whatever wrote it (safetensors, json) may not have synced
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
@@ -97,6 +122,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see ``atomic_write``)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:

@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import clip  # noqa: E402
 from src.demo.mechanism import forgetting  # noqa: E402
 from src.demo.zoo import accuracy, load_built, stored_config  # noqa: E402
+from src.modeling import build_image_encoder  # noqa: E402
 from src.task_vectors import TaskVector  # noqa: E402
 from src.tuning import apply_in_place  # noqa: E402
 
@@ -37,7 +37,7 @@ def interference(zoo_dir: str | Path, model: str, split: str = "val",
     cfg = stored_config(zoo_dir)
     tasks, design = list(cfg.tasks), cfg.design
     zs, heads, tau = load_built(zoo_dir, tasks)
-    encoder = clip.build_image_encoder(model, zs).eval()
+    encoder = build_image_encoder(model, zs).eval()
     params = encoder.state_dict()
     total = sum(tau.values())
     shared = ((len(tasks) - 1) / len(tasks)) * total  # (K-1) x the mean task vector

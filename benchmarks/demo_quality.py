@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import clip  # noqa: E402
 import merge_func  # noqa: E402
 from src.demo import mechanism  # noqa: E402
 from src.demo.zoo import CONFIGS, ZooConfig, ensure_zoo, eval_loader, load_built, with_overrides  # noqa: E402
 from src.eval import evaluate  # noqa: E402
+from src.modeling import build_image_encoder  # noqa: E402
 from src.svc import svc  # noqa: E402
 from src.tuning import apply_in_place, default_grid, select_coefficient  # noqa: E402
 
@@ -46,7 +46,7 @@ def run_seed(seed: int, base: Path, model: str = "demo", cfg: ZooConfig | None =
     K = len(tasks)
     zs, heads, by_task = load_built(path, tasks)
     tvs = [by_task[t] for t in tasks]
-    enc = clip.build_image_encoder(model, zs).eval()
+    enc = build_image_encoder(model, zs).eval()
     params = enc.state_dict()
     test, val, train = ({t: eval_loader(t, split, cfg.design) for t in tasks}
                         for split in ("test", "val", "train"))

@@ -22,6 +22,7 @@ import struct
 import warnings
 import weakref
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -543,7 +544,8 @@ def load_file(path: PathLike, *, check_finite: bool = True) -> StateDict:
     if kind == "zip":
         obj, files = read_pickle(path)
         if isinstance(obj, Record) and type(obj).__qualname__.endswith("ClassificationHead"):
-            raise CheckpointError(f"{path} is a classification head, not an image encoder: use clip.load_head")
+            raise CheckpointError(f"{path} is a classification head, not an image encoder: read it with read_head "
+                                  "(src.heads.load_head)")
         raw = flat_tensors(obj, path)
         entries = {new: raw[old] for old, new in to_convention(list(raw)).items()}
         meta = {"format": "torch"}
@@ -601,9 +603,19 @@ def warn_if_identical(zeroshot: Mapping, finetuned: Mapping) -> bool:
 
 
 # ----------------------------------------------------------------------------- heads
-def load_head(path: PathLike):
-    """Load a classification head: pickled task_vectors/TSV ``ClassificationHead`` or ``save_head`` output."""
-    from src.modeling import ClassificationHead
+@dataclass(frozen=True)
+class HeadData:
+    """A classification head as stored: logits = (L2-normalised if ``normalize``) features @ weight.T + bias.
+    Plain data: ``src.heads.load_head`` turns it into a ``ClassificationHead``."""
+
+    normalize: bool
+    weight: Tensor  # [classes, features]
+    bias: Tensor | None = None  # [classes]
+
+
+def read_head(path: PathLike) -> HeadData:
+    """Read a classification head file: a pickled task_vectors/TSV ``ClassificationHead`` (read safely, as
+    every checkpoint) or a ``write_head`` file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"classification head not found: {path}. Heads are built from the zero-shot model "
@@ -628,12 +640,14 @@ def load_head(path: PathLike):
             f.close()
     if weight.dim() != 2 or not torch.isfinite(weight).all():
         raise CheckpointError(f"{path}: head weight must be a finite 2-D tensor, got shape {tuple(weight.shape)}")
-    return ClassificationHead(bool(normalize), weight, bias)
+    return HeadData(bool(normalize), weight, bias)
 
 
-def save_head(head, path: PathLike) -> None:
-    """Save a head as a plain state dict (weight, bias, normalize) readable by ``load_head``."""
+def write_head(head: HeadData, path: PathLike) -> None:
+    """Save a head as a plain state dict (weight, bias, normalize) that ``read_head`` reads back. A missing
+    bias is stored as zeros (a head's logits always have one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"weight": head.weight.detach().cpu().clone(), "bias": head.bias.detach().cpu().clone(),
+    bias = head.bias if head.bias is not None else torch.zeros(head.weight.shape[0], dtype=head.weight.dtype)
+    torch.save({"weight": head.weight.detach().cpu().clone(), "bias": bias.detach().cpu().clone(),
                 "normalize": bool(head.normalize)}, path)

@@ -2,16 +2,18 @@
 
 CLIP names (ViT-B-32, ViT-B-16, ViT-L-14) use QuickGELU, as the OpenAI weights that the
 task_vectors / TSV / FusionBench checkpoints were fine-tuned from (and the text towers their
-heads were built with). Names in ``clip.demo.DEMO_MODELS`` (the embedded offline benchmark) are
-delegated to ``clip.demo``. ``load_state_dict`` is the one entry point for every checkpoint
+heads were built with). Other architectures are registered by the package that defines them
+(``register_architecture``; the embedded benchmark's ``demo`` / ``demo-micro`` by src/demo/model.py),
+so this module knows none of them. ``load_state_dict`` is the one entry point for every checkpoint
 format (files via ``clip.checkpoint``, Hugging Face folders via ``clip.hf``).
 """
 from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import open_clip
 import torch
@@ -26,23 +28,36 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _demo(name: str):
-    """The ``clip.demo`` module if ``name`` is a demo model, else None."""
-    try:
-        from clip import demo
-    except ModuleNotFoundError as e:
-        if e.name != "clip.demo":
-            raise
-        if name.startswith("demo"):
-            raise ValueError(f"model {name!r} belongs to the embedded benchmark, but clip/demo.py is missing "
-                             "from this checkout; update the repository") from None
-        return None
-    return demo if name in demo.DEMO_MODELS else None
+@dataclass(frozen=True)
+class Architecture:
+    """A model architecture beyond open_clip's CLIP names, with everything the pipeline asks of one."""
+
+    create: Callable[[], torch.nn.Module]  # a CLIP-like module (encode_image, encode_text), random weights
+    preprocess: Callable[[], tuple[Callable, Callable]]  # (train transform, val transform)
+    tokenizer: Callable[[], Callable]
+    no_pretrained: str = "it has no pretrained weights"  # why pretrained="openai" is refused
+
+
+_ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(name: str, architecture: Architecture) -> None:
+    """Make ``name`` known to ``create_model``, ``get_preprocess``, ``get_tokenizer`` and the checkpoint checks.
+    Registering a name again replaces it (a module reloaded); the CLIP names cannot be replaced."""
+    if name in CLIP_MODELS:
+        raise ValueError(f"{name!r} is an open_clip CLIP architecture; register other names")
+    _ARCHITECTURES[name] = architecture
+
+
+def registered_architectures() -> tuple[str, ...]:
+    return tuple(_ARCHITECTURES)
 
 
 def _check_name(name: str) -> None:
     if name not in CLIP_MODELS:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(CLIP_MODELS)} or a demo model")
+        extra = ", ".join(_ARCHITECTURES) or "none yet: the demo models register when src.demo.model is imported"
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(CLIP_MODELS)} or a registered "
+                         f"architecture ({extra})")
 
 
 def create_model(name: str, device: str | torch.device = "cpu", pretrained: str | None = None) -> torch.nn.Module:
@@ -56,30 +71,28 @@ def create_model(name: str, device: str | torch.device = "cpu", pretrained: str 
     if pretrained not in (None, "openai"):
         raise ValueError(f"pretrained={pretrained!r}: only None or 'openai' (the weights the checkpoints were "
                          "fine-tuned from, with QuickGELU) are supported")
-    demo = _demo(name)
-    if demo is not None:
+    extra = _ARCHITECTURES.get(name)
+    if extra is not None:
         if pretrained is not None:
-            raise ValueError(f"model {name!r} has no pretrained weights: its heads come with the demo zoo "
-                             "(src.demo.zoo.ensure_zoo writes them next to its checkpoints)")
-        return demo.create_demo_model(name).to(device)
+            raise ValueError(f"model {name!r}: {extra.no_pretrained}")
+        return extra.create().to(device)
     _check_name(name)
     with torch.device(device):
         return open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=True, device=device)
 
 
-def get_tokenizer(name: str):
-    demo = _demo(name)
-    if demo is not None:
-        return demo.get_demo_tokenizer(name)
+def get_tokenizer(name: str) -> Callable:
+    """The tokenizer of ``name``'s text tower: callable(str | list[str]) -> LongTensor of token ids."""
+    if name in _ARCHITECTURES:
+        return _ARCHITECTURES[name].tokenizer()
     _check_name(name)
     return open_clip.get_tokenizer(name)
 
 
-def get_preprocess(name: str):
+def get_preprocess(name: str) -> tuple[Callable, Callable]:
     """``(train_preprocess, val_preprocess)`` as pickled in task_vectors' ImageEncoder."""
-    demo = _demo(name)
-    if demo is not None:
-        return demo.get_demo_preprocess(name)
+    if name in _ARCHITECTURES:
+        return _ARCHITECTURES[name].preprocess()
     _check_name(name)
     size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
     kw = dict(mean=OPENAI_MEAN, std=OPENAI_STD, resize_mode="shortest", interpolation="bicubic")
@@ -118,20 +131,6 @@ def load_into(module: torch.nn.Module, state_dict: Mapping[str, Tensor], *, sour
         for k, t in target.items():
             if k in state_dict:
                 t.copy_(state_dict[k])
-
-
-def build_image_encoder(name: str, state_dict: Mapping[str, Tensor] | None = None):
-    """``src.modeling.ImageEncoder`` of architecture ``name`` (text transformer dropped), loaded from
-    ``state_dict`` (a mapping, or a path read with ``clip.load_state_dict``)."""
-    from src.modeling import ImageEncoder
-
-    train_tf, val_tf = get_preprocess(name)
-    encoder = ImageEncoder(create_model(name), keep_lang=False, train_preprocess=train_tf, val_preprocess=val_tf)
-    if state_dict is not None:
-        if not isinstance(state_dict, Mapping):
-            state_dict = load_state_dict(state_dict)
-        load_into(encoder, state_dict)
-    return encoder
 
 
 # ----------------------------------------------------------------------------- any checkpoint

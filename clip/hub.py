@@ -21,7 +21,8 @@ import torch
 
 from clip.checkpoint import CheckpointError
 from clip.hf import _LAYER, _weight_files, load_hf_folder
-from clip.layout import HF_NAMES, HF_TASK_IDS, CheckpointSet, _strip_val
+from clip.layout import HF_NAMES, HF_TASK_IDS, CheckpointSet
+from utils import task_of
 
 INSTALL_HINT = 'pip install -e ".[hf]"'
 ZEROSHOT_OWNER, FINETUNED_OWNER = "openai", "tanganke"
@@ -41,7 +42,7 @@ def require(module: str, why: str):
 def repo_ids(model: str, tasks: list[str]) -> tuple[str, dict[str, str]]:
     """(zero-shot repo id, {task: fine-tuned repo id}) under FusionBench's names."""
     name = HF_NAMES.get(model, model)
-    ids = {t: f"{FINETUNED_OWNER}/{name}_{HF_TASK_IDS.get(_strip_val(t), _strip_val(t).lower())}" for t in tasks}
+    ids = {t: f"{FINETUNED_OWNER}/{name}_{HF_TASK_IDS.get(task_of(t), task_of(t).lower())}" for t in tasks}
     return f"{ZEROSHOT_OWNER}/{name}", ids
 
 
@@ -110,7 +111,7 @@ def hub_checkpoints(model: str, tasks: list[str], base_dir: str | Path, download
         raise CheckpointError(f"{len(missing)} of {len(ft_ids) + 1} hub checkpoints are missing:\n  "
                               + "\n  ".join(missing))
     root = Path(base_dir) / "checkpoints" / model / "hf"
-    heads = {t: root / f"head_{_strip_val(t)}.pt" for t in tasks}
+    heads = {t: root / f"head_{task_of(t)}.pt" for t in tasks}
     return CheckpointSet("hf", root, found["zeroshot"], {t: found[t] for t in tasks}, heads)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from clip.checkpoint import WHERE_CHECKPOINTS_COME_FROM, CheckpointError, StateDict, check_compatible, warn_if_identical
 from clip.factory import load_state_dict
+from utils import task_of, val_of
 
 LAYOUTS = ("task_vectors", "tsv", "hf")
 HF_NAMES = {"ViT-B-32": "clip-vit-base-patch32", "ViT-B-16": "clip-vit-base-patch16",
@@ -67,10 +68,6 @@ class CheckpointSet:
             warn_if_identical(zs, ft)
 
 
-def _strip_val(task: str) -> str:
-    return task[:-3] if task.endswith("Val") else task
-
-
 def _roots(model: str, base_dir: Path) -> list[Path]:
     return [base_dir / "checkpoints" / model, base_dir / model, base_dir]
 
@@ -91,21 +88,21 @@ def _candidate(layout: str, root: Path, model: str, tasks: list[str]) -> tuple[P
     """(zero-shot path or None, found fine-tuned {task: path}, expected heads) for one layout/root."""
     if layout == "task_vectors":
         zs = root / "zeroshot.pt"
-        ft = {t: root / _strip_val(t) / "finetuned.pt" for t in tasks}
-        heads = {t: root / f"head_{_strip_val(t)}.pt" for t in tasks}
+        ft = {t: root / task_of(t) / "finetuned.pt" for t in tasks}
+        heads = {t: root / f"head_{task_of(t)}.pt" for t in tasks}
     elif layout == "tsv":
         zs = root / "MNISTVal" / "nonlinear_zeroshot.pt"
-        ft = {t: root / f"{_strip_val(t)}Val" / "nonlinear_finetuned.pt" for t in tasks}
-        heads = {t: root / f"head_{_strip_val(t)}Val.pt" for t in tasks}
+        ft = {t: root / val_of(t) / "nonlinear_finetuned.pt" for t in tasks}
+        heads = {t: root / f"head_{val_of(t)}.pt" for t in tasks}
     else:
         hf = HF_NAMES.get(model, model)
         zs = _hf_folder(root, hf, "openai") or _hf_folder(root, "zeroshot", "openai") or root / hf
         ft = {}
         for t in tasks:
-            tid = HF_TASK_IDS.get(_strip_val(t), _strip_val(t).lower())
-            ft[t] = (_hf_folder(root, f"{hf}_{tid}", "tanganke") or _hf_folder(root, _strip_val(t), "tanganke")
+            tid = HF_TASK_IDS.get(task_of(t), task_of(t).lower())
+            ft[t] = (_hf_folder(root, f"{hf}_{tid}", "tanganke") or _hf_folder(root, task_of(t), "tanganke")
                      or root / f"{hf}_{tid}")
-        heads = {t: root / f"head_{_strip_val(t)}.pt" for t in tasks}
+        heads = {t: root / f"head_{task_of(t)}.pt" for t in tasks}
     return (zs if zs.exists() else None), {t: p for t, p in ft.items() if p.exists()}, heads
 
 
@@ -113,10 +110,10 @@ def expected_layout(model: str, base_dir: Path, tasks: list[str]) -> str:
     t = tasks[0] if tasks else "SUN397"
     hf = HF_NAMES.get(model, model)
     return (f"Expected one of these layouts under {base_dir} (or {base_dir}/checkpoints/{model}, {base_dir}/{model}):\n"
-            f"  task_vectors: zeroshot.pt, {_strip_val(t)}/finetuned.pt, head_{_strip_val(t)}.pt\n"
-            f"  tsv:          MNISTVal/nonlinear_zeroshot.pt, {_strip_val(t)}Val/nonlinear_finetuned.pt\n"
+            f"  task_vectors: zeroshot.pt, {task_of(t)}/finetuned.pt, head_{task_of(t)}.pt\n"
+            f"  tsv:          MNISTVal/nonlinear_zeroshot.pt, {val_of(t)}/nonlinear_finetuned.pt\n"
             f"  hf:           {hf}/ (config.json + model.safetensors), "
-            f"{hf}_{HF_TASK_IDS.get(_strip_val(t), 'task')}/\n"
+            f"{hf}_{HF_TASK_IDS.get(task_of(t), 'task')}/\n"
             f"{WHERE_CHECKPOINTS_COME_FROM}")
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
 
 from clip.checkpoint import CheckpointError
+from utils import atomic_write
 
 PathLike = str | os.PathLike
 
@@ -58,26 +58,6 @@ def check_save_path(path: PathLike, sources: Iterable[PathLike] = (), overwrite:
     return path
 
 
-def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` next to ``path``, then rename: an interrupted save leaves neither half a file nor a temp."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_merged(path: PathLike, state_dict: Mapping[str, Tensor], meta: Mapping[str, Any],
                 overwrite: bool = False) -> Path:
     """Save ``state_dict`` to ``path`` (safetensors) and ``<path stem>.json`` describing it.
@@ -113,7 +93,8 @@ def save_merged(path: PathLike, state_dict: Mapping[str, Tensor], meta: Mapping[
     text = json.dumps(info, indent=2, sort_keys=False, default=str)
     tensors = {k: state_dict[k].detach().to("cpu").contiguous().clone() for k in state_dict}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"merge_info": text}))
+    # each file is replaced atomically: an interrupted save leaves neither half a file nor a temporary one
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"merge_info": text}))
     side = sidecar_path(path)
-    _replace_atomically(side, lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(side, lambda tmp: Path(tmp).write_text(text + "\n"))
     return side

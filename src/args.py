@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import merge_func
+import utils
 from clip.layout import LAYOUTS
 from clip.save import check_save_path as check_save_path_of
 from src import tuning
@@ -244,7 +245,7 @@ def validate(args) -> None:
             raise ValueError(f"{flag} is empty: give 8, 14, 20, a named set or A,B,C (or leave {flag} out)")
     tasks = resolve_tasks(args.tasks or default_tasks(args.model))
     datasets = resolve_tasks(args.eval_datasets) if args.eval_datasets else tasks
-    unmerged = [d for d in datasets if d.removesuffix("Val") not in tasks]
+    unmerged = [d for d in datasets if utils.task_of(d) not in tasks]
     if merge == "finetuned" and unmerged:  # each dataset is evaluated with its own task's fine-tuned model
         raise ValueError(f"--merge finetuned: no fine-tuned model among --tasks for {unmerged}; "
                          "--eval-datasets must be among the merged tasks (or their Val splits)")

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 import utils
 from clip.factory import load_into
 from src.datasets.registry import get_dataset
+from utils import task_of
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -76,10 +77,11 @@ def evaluate_tasks(image_encoder: torch.nn.Module, tasks: list[str], heads: Mapp
                    preprocess, data_location: str, device: str | torch.device | None = None,
                    batch_size: int = 128, num_workers: int = 2, progress: bool | None = None,
                    amp: bool = False, seed: int = 0, download: bool = False, convention: str | None = None,
-                   provenance: dict | None = None, input_cache=None) -> dict[str, float]:
+                   provenance: dict | None = None, input_cache=None, source: str = "local") -> dict[str, float]:
     """Top-1 % per dataset, keyed by registered name. `XVal` evaluates X's validation split with the head
     `heads["XVal"]`, or `heads["X"]` when there is none (task_vectors' Val heads equal the test ones). The data
-    follow `convention` (src.datasets.conventions: EMNIST is letters under fusionbench).
+    follow `convention` (src.datasets.conventions: EMNIST is letters under fusionbench) and are read from `source`
+    ("local": folders under `data_location`; "hf": FusionBench's Hugging Face datasets, src/datasets/hf_sets.py).
 
     provenance: a dict filled in place with, per dataset, where its images came from and how many were
     evaluated ({"source": folder or file, "split": ..., "n": ...}; see `DatasetSplit.provenance`).
@@ -93,12 +95,11 @@ def evaluate_tasks(image_encoder: torch.nn.Module, tasks: list[str], heads: Mapp
         if plan is not None:
             split = input_cache.split(task, data_location, plan, device, batch_size, num_workers, lambda: get_dataset(
                 task, plan.pixels, data_location, batch_size=batch_size, num_workers=num_workers, download=download,
-                convention=convention))
+                convention=convention, source=source), source=source)
         else:
             split = get_dataset(task, preprocess, data_location, batch_size=batch_size, num_workers=num_workers,
-                                download=download, convention=convention)
-        base = split.name[:-3] if split.name.endswith("Val") else split.name
-        head = heads.get(split.name, heads.get(base))
+                                download=download, convention=convention, source=source)
+        head = heads.get(split.name, heads.get(task_of(split.name)))
         if head is None:
             raise KeyError(f"no classification head for {split.name}; heads given for: {', '.join(heads)}")
         results[split.name] = evaluate(image_encoder, head, split.loader, device, progress, split.name, amp)
@@ -108,10 +109,10 @@ def evaluate_tasks(image_encoder: torch.nn.Module, tasks: list[str], heads: Mapp
 
 
 def describe_tasks(tasks: list[str], data_location: str, download: bool = False,
-                   convention: str | None = None) -> dict[str, dict]:
+                   convention: str | None = None, source: str = "local") -> dict[str, dict]:
     """Provenance of each dataset as `evaluate_tasks` would record it, without evaluating anything."""
-    splits = [get_dataset(task, None, data_location, num_workers=0, download=download, convention=convention)
-              for task in tasks]
+    splits = [get_dataset(task, None, data_location, num_workers=0, download=download, convention=convention,
+                          source=source) for task in tasks]
     return {split.name: split.provenance for split in splits}
 
 
@@ -149,15 +150,17 @@ class Evaluator:
     seed: int = 42
     download: bool = False
     input_cache: object | None = None  # src.input_cache.InputCache
+    source: str = "local"  # where the datasets come from: local folders, or "hf" (the Hugging Face hub)
 
     def __call__(self, encoder, heads: Mapping, datasets: list[str], provenance: dict | None = None) -> dict[str, float]:
         return evaluate_tasks(encoder, datasets, heads, encoder.val_preprocess, self.data_location, device=self.device,
                               batch_size=self.batch_size, num_workers=self.num_workers, progress=self.progress,
                               amp=self.amp, seed=self.seed, download=self.download, convention=self.convention,
-                              provenance=provenance, input_cache=self.input_cache)
+                              provenance=provenance, input_cache=self.input_cache, source=self.source)
 
     def describe(self, datasets: list[str]) -> dict[str, dict]:
-        return describe_tasks(datasets, self.data_location, download=self.download, convention=self.convention)
+        return describe_tasks(datasets, self.data_location, download=self.download, convention=self.convention,
+                              source=self.source)
 
 
 # ----------------------------------------------------------------------------- fine-tuned accuracies
@@ -208,7 +211,7 @@ def evaluate_finetuned(evaluate: Evaluator, ckpts, encoder, heads: Mapping, data
     """Each fine-tuned encoder of `ckpts` on its own task's split; stored in `cache` under `checkpoints`."""
     accuracy, data = {}, {}
     for name in datasets:
-        base = name[:-3] if name.endswith("Val") else name
+        base = utils.task_of(name)
         if base not in ckpts.finetuned:
             raise ValueError(f"no fine-tuned checkpoint for {base}: --eval-datasets must be among the merged tasks")
         load_into(encoder, ckpts.load_finetuned(base), source=str(ckpts.finetuned[base]))
@@ -225,7 +228,7 @@ def finetuned_accuracies(evaluate: Evaluator, ckpts, encoder, heads: Mapping, da
     """Single-task accuracies on `datasets` for these checkpoints and this data (`data`: provenance per dataset,
     looked up when not given), measured once and cached, for normalised accuracy. The encoder is left holding
     `restore`. Datasets of tasks without a fine-tuned checkpoint are left out."""
-    datasets = [d for d in datasets if (d[:-3] if d.endswith("Val") else d) in ckpts.finetuned]
+    datasets = [d for d in datasets if utils.task_of(d) in ckpts.finetuned]
     data = data if data is not None else evaluate.describe(datasets)
     known = cache.known(checkpoints, {d: data[d] for d in datasets})
     todo = [d for d in datasets if d not in known]

@@ -34,6 +34,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import Compose, Lambda, Normalize, ToTensor
 
+from utils import is_val
+
 CACHE_VERSION = 1
 MODES = ("auto", "all", "off")  # auto: the <Task>Val splits, which --scaling_coef/--alpha auto read 20-30 times
 
@@ -307,17 +309,18 @@ class InputCache:
         return None if self.mode == "off" else split_transform(preprocess)
 
     def stores(self, name: str) -> bool:
-        return self.mode == "all" or (self.mode == "auto" and name.endswith("Val"))
+        return self.mode == "all" or (self.mode == "auto" and is_val(name))
 
     def split(self, task: str, location, plan: SplitTransform, device, batch_size: int, num_workers: int,
-              make_split: Callable) -> "CacheSplit":
+              make_split: Callable, source: str = "local") -> "CacheSplit":
         """``task``'s split as ``.name`` and ``.loader`` (batches of float images on ``device``, labels).
 
         ``make_split()`` builds the registry's DatasetSplit with ``plan.pixels`` as its transform; it is not
-        called again once this process has the entry open.
+        called again once this process has the entry open. ``source`` is the data source ``make_split`` reads
+        ("local" under ``location``, or "hf"): with ``location`` it tells entries apart within the process.
         """
         device = torch.device(device)
-        memo = (task, str(location), plan.description)
+        memo = (task, source, str(location), plan.description)
         if memo in self._open:
             name, provenance, images, labels = self._open[memo]
             return CacheSplit(name, CachedBatches(images, labels, plan.normalize, device, batch_size), provenance)

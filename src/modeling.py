@@ -1,12 +1,19 @@
 """Image encoder, classification head and classifier (same meaning as mlfoundations/task_vectors).
 
-Models are built by ``clip.create_model`` / ``clip.build_image_encoder`` from an open_clip
-architecture plus a loaded state dict, never by unpickling a module.
+Models are built by ``build_image_encoder`` from an architecture of ``clip.factory`` (open_clip's CLIP
+names, or one registered there such as the demo models) plus a loaded state dict, never by unpickling a
+module.
 """
 from __future__ import annotations
 
+import os
+from typing import Mapping
+
 import torch
 from torch import Tensor, nn
+
+import src.demo.model  # noqa: F401  registers the demo architectures with clip.factory
+from clip.factory import create_model, get_preprocess, load_into, load_state_dict
 
 
 class ImageEncoder(nn.Module):
@@ -64,3 +71,16 @@ class ImageClassifier(nn.Module):
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.classification_head(self.image_encoder(inputs))
+
+
+def build_image_encoder(name: str, state_dict: Mapping[str, Tensor] | str | os.PathLike | None = None
+                        ) -> ImageEncoder:
+    """``ImageEncoder`` of architecture ``name`` (text transformer dropped), loaded from ``state_dict`` (a
+    mapping, or a path read with ``clip.load_state_dict``); random weights when None."""
+    train_tf, val_tf = get_preprocess(name)
+    encoder = ImageEncoder(create_model(name), keep_lang=False, train_preprocess=train_tf, val_preprocess=val_tf)
+    if state_dict is not None:
+        if not isinstance(state_dict, Mapping):
+            state_dict = load_state_dict(state_dict)
+        load_into(encoder, state_dict)
+    return encoder

@@ -15,7 +15,8 @@ from torch import nn
 
 import clip
 from clip.checkpoint import CheckpointError, to_keys
-from src.modeling import ClassificationHead, ImageClassifier, ImageEncoder
+from src.heads import load_head, save_head
+from src.modeling import ClassificationHead, ImageClassifier, ImageEncoder, build_image_encoder
 
 EXECUTED = []  # set by the legacy classes if anything ever runs their code at load time
 
@@ -109,12 +110,12 @@ def test_legacy_pickled_image_encoder(tmp_path):
 def test_legacy_classification_head(tmp_path):
     w = torch.randn(5, 32)
     save_legacy(LegacyHead(w), tmp_path / "head_MNIST.pt")
-    head = clip.load_head(tmp_path / "head_MNIST.pt")
+    head = load_head(tmp_path / "head_MNIST.pt")
     assert isinstance(head, ClassificationHead) and head.normalize
     assert torch.equal(head.weight, w) and torch.equal(head.bias, torch.zeros(5))
     # save_head / load_head round trip
-    clip.save_head(head, tmp_path / "head_copy.pt")
-    again = clip.load_head(tmp_path / "head_copy.pt")
+    save_head(head, tmp_path / "head_copy.pt")
+    again = load_head(tmp_path / "head_copy.pt")
     assert torch.equal(again.weight, w) and again.normalize
     with pytest.raises(CheckpointError, match="classification head"):
         clip.load_state_dict(tmp_path / "head_MNIST.pt")
@@ -290,7 +291,7 @@ def test_build_image_encoder_vit_b_32():
     assert isinstance(ref.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
     sd = to_keys(ref.state_dict())
     assert len([k for k, v in sd.items() if v.is_floating_point()]) == 158
-    enc = clip.build_image_encoder("ViT-B-32", sd)
+    enc = build_image_encoder("ViT-B-32", sd)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(enc(x), ref.encode_image(x))
@@ -299,7 +300,7 @@ def test_build_image_encoder_vit_b_32():
     bad = dict(sd)
     bad["model.visual.proj"] = torch.zeros(768, 256)
     with pytest.raises(CheckpointError, match=r"model\.visual\.proj.*\(768, 256\).*\(768, 512\)"):
-        clip.build_image_encoder("ViT-B-32", bad)
+        build_image_encoder("ViT-B-32", bad)
 
 
 def test_save_merged_round_trip(tmp_path):
@@ -322,11 +323,11 @@ def test_save_merged_round_trip(tmp_path):
 
 
 def test_demo_names_are_delegated():
-    demo = pytest.importorskip("clip.demo", reason="clip/demo.py (embedded benchmark) not in this checkout")
+    demo = pytest.importorskip("src.demo.model", reason="src/demo/model.py (embedded benchmark) not in this checkout")
     name = demo.DEMO_MODELS[0]
     model = clip.create_model(name)
     sd = to_keys(model.state_dict())
-    enc = clip.build_image_encoder(name, sd)
+    enc = build_image_encoder(name, sd)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(enc(x), model.encode_image(x))
@@ -355,7 +356,8 @@ def test_text_tower_for_heads_uses_quick_gelu(monkeypatch, tmp_path):
     built = {}
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
     monkeypatch.setattr(src.heads, "get_classification_head",
-                        lambda model_name, task, root, data, clip_model, convention: built.setdefault(task, clip_model))
+                        lambda model_name, task, root, data, clip_model, convention, source:
+                        built.setdefault(task, clip_model))
     src.heads.load_heads("ViT-B-32", types.SimpleNamespace(heads={}, root=tmp_path, layout="task_vectors"),
                          ["MNISTVal"], "task_vectors", str(tmp_path))
     assert calls == [("ViT-B-32", "openai", True)]
@@ -364,6 +366,6 @@ def test_text_tower_for_heads_uses_quick_gelu(monkeypatch, tmp_path):
     assert isinstance(text_model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
     with pytest.raises(ValueError, match="only None or 'openai'"):
         clip.create_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
-    demo = pytest.importorskip("clip.demo", reason="clip/demo.py (embedded benchmark) not in this checkout")
+    demo = pytest.importorskip("src.demo.model", reason="src/demo/model.py (embedded benchmark) not in this checkout")
     with pytest.raises(ValueError, match="no pretrained weights"):
         clip.create_model(demo.DEMO_MODELS[0], pretrained="openai")

@@ -272,6 +272,43 @@ def test_registered_builder_splits(monkeypatch):
         get_dataset("Toy", None, "", download=True)
 
 
+def test_data_source_is_an_explicit_value(monkeypatch):
+    """`source` picks the builder ("local": the task's own; others through register_source), never the location."""
+    registry._load_plugins()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
+    assert registry.data_sources()[:2] == ["local", "hf"]  # hf_sets registers itself
+    local, remote = [], []
+
+    def build(split, preprocess, location):
+        local.append((split, location))
+        return TensorDataset(torch.arange(40), torch.zeros(40))
+
+    def build_elsewhere(spec, split, preprocess, download, convention):
+        remote.append((spec.name, split, download, convention))
+        return TensorDataset(torch.arange(30), torch.zeros(30))
+
+    register_dataset("Toy", build, ["a", "b"], [lambda c: c])
+    registry.register_source("elsewhere", build_elsewhere)
+    assert len(get_dataset("Toy", None, "hf://looks-like-a-hub", num_workers=0).dataset) == 40  # a path, nothing more
+    assert local == [("test", "hf://looks-like-a-hub")] and remote == []
+    val = get_dataset("ToyVal", None, "/data", num_workers=0, source="elsewhere")
+    assert len(val.dataset) == 3 and remote == [("Toy", "train", False, None)] and len(local) == 1
+    with pytest.raises(ValueError, match="unknown data source 'nowhere'; choose one of local, hf"):
+        get_dataset("Toy", None, "", num_workers=0, source="nowhere")
+    with pytest.raises(ValueError, match="tasks' own builders"):
+        registry.register_source("local", build_elsewhere)
+
+
+def test_split_name_helpers():
+    import utils
+
+    assert [utils.task_of(n) for n in ("MNISTVal", "MNIST", "mnistval", "Val")] == ["MNIST", "MNIST", "mnist", "Val"]
+    assert utils.is_val("EuroSATVal") and utils.is_val("eurosatVAL") and not utils.is_val("EuroSAT")
+    assert not utils.is_val("Val")  # no task before the suffix
+    assert utils.val_of("DTD") == utils.val_of("DTDVal") == "DTDVal"
+
+
 def test_missing_dataset_errors(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"MNIST.*MNIST/raw.*--download"):
         get_dataset("MNIST", None, str(tmp_path))

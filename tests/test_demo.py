@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from clip.demo import DEMO_MODELS, create_demo_model, get_demo_preprocess, get_demo_tokenizer, to_input
+from src.demo.model import DEMO_MODELS, create_demo_model, get_demo_preprocess, get_demo_tokenizer, to_input
 from src.demo import tasks as T
 from src.demo import zoo
 
@@ -145,12 +145,14 @@ def test_micro_zoo_files_and_keys(micro_zoo):
 def test_micro_zoo_loads_through_the_pipeline_readers(micro_zoo):
     path, _ = micro_zoo
     clip = pytest.importorskip("clip")
-    if not hasattr(clip, "load_state_dict") or not hasattr(clip, "build_image_encoder"):
+    if not hasattr(clip, "load_state_dict"):
         pytest.skip("clip loaders not available yet")
+    from src.heads import load_head
+    from src.modeling import build_image_encoder
     task = zoo.CONFIGS["demo-micro"].tasks[0]
     sd = clip.load_state_dict(path / task / "finetuned.pt")
-    enc = clip.build_image_encoder("demo-micro", sd)
-    head = clip.load_head(path / f"head_{task}.pt")
+    enc = build_image_encoder("demo-micro", sd)
+    head = load_head(path / f"head_{task}.pt")
     x, y = T.generate(task, "test")
     with torch.no_grad():
         logits = head(enc(to_input(x[:64])))
@@ -219,6 +221,8 @@ def test_build_report_matches_the_pipeline_evaluation(micro_zoo):
     import clip
     import merge_func
     from src.eval import evaluate_tasks
+    from src.heads import load_head
+    from src.modeling import build_image_encoder
     from src.task_vectors import TaskVector
 
     path, _ = micro_zoo
@@ -226,11 +230,11 @@ def test_build_report_matches_the_pipeline_evaluation(micro_zoo):
     tasks = list(zoo.CONFIGS["demo-micro"].tasks)
     zs = clip.load_state_dict(path / "zeroshot.pt").materialize()
     fts = {t: clip.load_state_dict(path / t / "finetuned.pt").materialize() for t in tasks}
-    heads = {t: clip.load_head(path / f"head_{t}.pt") for t in tasks}
+    heads = {t: load_head(path / f"head_{t}.pt") for t in tasks}
     _, val_tf = clip.get_preprocess("demo-micro")
 
     def acc(sd):
-        enc = clip.build_image_encoder("demo-micro", sd)
+        enc = build_image_encoder("demo-micro", sd)
         return evaluate_tasks(enc, tasks, heads, val_tf, "unused", device="cpu", num_workers=0, progress=False)
 
     one_image = 100.0 / T.SPLIT_SIZES["test"]  # batch sizes differ: allow one flipped near-tie
@@ -493,7 +497,7 @@ def test_grouped_pretraining_batches_hold_images_of_few_tasks():
 def test_every_demo_vocabulary_holds_the_aliases():
     """Captions that name classes by alias (name_rate < 1) are tokenised without 'unknown' word pieces by
     every demo model."""
-    import clip.demo as D
+    import src.demo.model as D
 
     assert D.get_demo_tokenizer("demo").vocab_size == D.get_demo_tokenizer("demo-micro").vocab_size
     alias_captions = [f.format(c=c, k=k) for spec in T.TASKS.values() for c in spec.aliases

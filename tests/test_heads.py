@@ -9,7 +9,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from PIL import Image
 
 from src.datasets import templates as T
-from src.heads import build_zeroshot_head, get_classification_head, head_path
+from src.heads import build_zeroshot_head, get_classification_head, head_path, save_head
 
 
 def tiny_clip(seed: int = 0) -> CLIP:
@@ -111,12 +111,11 @@ def test_heads_are_cached_per_convention(model, tmp_path):
 def test_released_heads_are_read_only_under_their_convention(model, tmp_path):
     """A TSV release's head_STL10Val.pt (CIFAR templates) is not the task_vectors STL10 head, and an old
     head_EMNIST.pt (digits) is never the fusionbench letters head."""
-    import clip
     from src.heads import load_heads
 
     def save(name, rows):
         head = build_zeroshot_head(model, open_clip.tokenize, [f"c{i}" for i in range(rows)], [lambda c: c])
-        clip.save_head(head, tmp_path / name)
+        save_head(head, tmp_path / name)
 
     save("head_STL10Val.pt", 3)  # the TSV release
     save("head_STL10.pt", 4)  # built earlier under task_vectors

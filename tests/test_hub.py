@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import clip
 import main
 import utils
 from clip.checkpoint import CheckpointError
 from src.datasets.registry import DatasetNotFoundError, get_dataset, resolve_tasks
-from src.modeling import ClassificationHead
+from src.heads import save_head
+from src.modeling import ClassificationHead, build_image_encoder
 from tests.conftest import ROOT
 
 transformers = pytest.importorskip("transformers", reason="the fake hub's models are written by transformers")
@@ -31,7 +31,7 @@ TASKS = ["MNIST", "EuroSAT"]
 
 def demo_micro_clip_config(text_act: str = "quick_gelu"):
     """A transformers CLIPConfig with the sizes of the `demo-micro` open_clip model."""
-    from clip.demo import get_demo_tokenizer
+    from src.demo.model import get_demo_tokenizer
 
     vocab = get_demo_tokenizer("demo-micro").vocab_size
     vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, patch_size=8,
@@ -200,7 +200,7 @@ def test_missing_hub_checkpoints_name_the_repo_and_the_flag(offline, tmp_path):
 def test_missing_hub_dataset_or_split_is_a_clear_error(offline, tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError,
                        match=r"tanganke/dtd.*--download.*hf download tanganke/dtd --repo-type dataset"):
-        get_dataset("DTD", None, hf_sets.HUB_LOCATION, num_workers=0)
+        get_dataset("DTD", None, "unused", num_workers=0, source="hf")
     hub_set = hf_sets.HubSet("ylecun/mnist")
     with pytest.raises(DatasetNotFoundError, match=r"no 'validation' split files of dataset ylecun/mnist.*--download"):
         hf_sets.load_hub_split("MNIST", hf_sets.HubSet("ylecun/mnist", test="validation"), "test", None)
@@ -221,14 +221,14 @@ def test_missing_hub_dataset_or_split_is_a_clear_error(offline, tmp_path, monkey
 
 
 def test_hub_datasets_load_offline_with_our_val_rule(offline):
-    test = get_dataset("MNIST", None, hf_sets.HUB_LOCATION, num_workers=0)
+    test = get_dataset("MNIST", None, "unused", num_workers=0, source="hf")
     assert test.name == "MNIST" and len(test.dataset) == 12
     image, label = test.dataset[0]
     assert image.mode == "RGB" and image.size == (32, 32) and isinstance(label, int)
     assert test.dataset.cache_fingerprint()["files"] == ["mnist/test-00000-of-00001.parquet"]
-    sst2 = get_dataset("RenderedSST2", None, hf_sets.HUB_LOCATION, num_workers=0).dataset
+    sst2 = get_dataset("RenderedSST2", None, "unused", num_workers=0, source="hf").dataset
     assert [sst2[i][1] for i in range(len(sst2))] == [0, 0, 0, 1, 1, 1] and sst2[0][0].mode == "RGB"  # folder order
-    val = get_dataset("EuroSATVal", None, hf_sets.HUB_LOCATION, num_workers=0)  # a val folder locally: cut here
+    val = get_dataset("EuroSATVal", None, "unused", num_workers=0, source="hf")  # a val folder locally: cut here
     assert val.name == "EuroSATVal" and len(val.dataset) == 20  # 10 % of the 200 train rows, seed 0
     from src.datasets.registry import split_train_val
     train = hf_sets.load_hub_split("EuroSAT", hf_sets.HUB_DATASETS["EuroSAT"], "train", None)
@@ -282,24 +282,24 @@ def open_clip_style_preprocess(name):
     """demo-micro with open_clip's evaluation transform, so that the input cache applies."""
     import open_clip
 
-    from clip.demo import MEAN, STD, TrainTransform
+    from src.demo.model import MEAN, STD, TrainTransform
     return TrainTransform(), open_clip.image_transform(32, is_train=False, mean=MEAN, std=STD)
 
 
 def test_auto_coefficient_reads_cached_validation_inputs_with_identical_results(offline, tmp_path, monkeypatch):
-    import clip.demo
+    import src.demo.model
 
-    monkeypatch.setattr(clip.demo, "get_demo_preprocess", open_clip_style_preprocess)
+    monkeypatch.setattr(src.demo.model, "get_demo_preprocess", open_clip_style_preprocess)
     # heads = mean zero-shot feature per class on the train split, so accuracies are neither 0 nor 100
     found = hub.hub_checkpoints("demo-micro", TASKS, tmp_path)
-    encoder = clip.build_image_encoder("demo-micro", found.load_zeroshot()).eval()
+    encoder = build_image_encoder("demo-micro", found.load_zeroshot()).eval()
     for task in TASKS:
-        x, y = next(iter(get_dataset(task, encoder.val_preprocess, hf_sets.HUB_LOCATION, split="train",
-                                     batch_size=1000, num_workers=0).loader))
+        x, y = next(iter(get_dataset(task, encoder.val_preprocess, "unused", split="train", batch_size=1000,
+                                     num_workers=0, source="hf").loader))
         with torch.no_grad():
             f = torch.nn.functional.normalize(encoder(x), dim=-1)
         weights = torch.stack([f[y == c].mean(0) if (y == c).any() else f.mean(0) for c in range(10)])
-        clip.save_head(ClassificationHead(normalize=True, weights=100 * weights), found.heads[task])
+        save_head(ClassificationHead(normalize=True, weights=100 * weights), found.heads[task])
     common = ["--model", "demo-micro", "--tasks", "MNIST,EuroSAT", "--source", "hf", "--data-source", "hf",
               "--base_dir", str(tmp_path), "--threads", "1", "--no-progress", "--num-workers", "0",
               "--merge", "TA", "--scaling_coef", "auto"]

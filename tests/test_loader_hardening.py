@@ -357,7 +357,7 @@ def test_old_formats_say_what_they_are_and_how_to_convert(tmp_path, kind):
         with tarfile.open(path, "w") as t:
             t.add(tmp_path / "pickle", arcname="pickle")
         what = r"tar-format torch checkpoint"
-    for load in (clip.load_state_dict, clip.load_head):
+    for load in (clip.load_state_dict, clip.read_head):
         with pytest.raises(CheckpointError, match=rf"{kind}\.pt: this is a {what}.*torch\.save\(.*safetensors") as err:
             load(path)
         assert "not a safetensors file" not in str(err.value)

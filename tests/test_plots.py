@@ -131,6 +131,7 @@ def test_bars_plot(logdir, tmp_path):
 def test_spectral_commands_on_checkpoints(tmp_path):
     """spectrum/coefficients CLI on real (tiny) checkpoint files in the task_vectors layout."""
     import clip
+    import src.demo.model  # noqa: F401  registers demo-micro with clip.factory
     from clip.checkpoint import to_keys
 
     zeroshot = to_keys(clip.create_model("demo-micro").state_dict())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from src.datasets import templates as T
+from utils import task_of
 
 CONVENTIONS = ("task_vectors", "tsv", "fusionbench")
 DEFAULT = "task_vectors"
@@ -106,7 +107,7 @@ def check_layout(layout: str, convention: str, tasks: list[str]) -> None:
     """A merged task whose data differ between conventions (EMNIST: digits or letters) can only be evaluated
     under the convention its fine-tune was made for: the hf layout loads FusionBench's letters fine-tune."""
     native = convention_for_layout(layout)
-    for task in sorted({t[:-3] if t.endswith("Val") else t for t in tasks}):
+    for task in sorted({task_of(t) for t in tasks}):
         wanted, given = variant(task, native), variant(task, convention)
         if wanted != given:
             def describe(name):

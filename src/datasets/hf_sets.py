@@ -9,6 +9,10 @@ cache, the hub's, serves models and data, online and offline alike.
 
 ``<Task>Val`` follows our rule (10 % of train, at most 5,000, seed 0) on the hub's train split, for every
 task. Images are converted to RGB first, as Hugging Face's CLIP processor does.
+
+This module registers ``build_from_hub`` as the registry's data source "hf" (``register_source``), so
+``get_dataset(..., source="hf")`` builds every split here. Imports point one way: this module uses the
+registry's types; the registry only loads it by name as a self-registering plugin, like the dataset families.
 """
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from src.datasets.registry import DatasetNotFoundError, DatasetSpec, split_train_val
+from src.datasets.registry import DatasetNotFoundError, DatasetSpec, get_spec, register_source, split_train_val
+from utils import is_val
 
-HUB_LOCATION = "hf://"  # --data-location value that routes the registry's builders here
+SOURCE = "hf"  # get_dataset(..., source="hf") (main.py --data-source hf) builds every split here
 DATA_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset",  # the datasets builder per file type
                 **{ext: "imagefolder" for ext in (".png", ".jpg", ".jpeg")}}  # <split>/<class>/<image>
 
@@ -60,10 +65,6 @@ HUB_DATASETS: dict[str, HubSet] = {
     "EMNIST": HubSet("tanganke/emnist_letters"),  # FusionBench's EMNIST is the letters split
     "KMNIST": HubSet("tanganke/kmnist"),
 }
-
-
-def is_hub_location(location) -> bool:
-    return str(location).startswith(HUB_LOCATION)
 
 
 def _patterns(hub: HubSet, split: str) -> list[str]:
@@ -157,7 +158,6 @@ def ensure_hub_splits(names: list[str], download: bool = False) -> None:
     """Before any work: every hub split that evaluating ``names`` (e.g. "MNIST", "MNISTVal") reads is in the
     cache, fetched first when ``download``; else one DatasetNotFoundError listing all that are missing."""
     from clip.hub import fetch_command, require, snapshot
-    from src.datasets.registry import get_spec
 
     require("datasets", "--data-source hf")  # needed later, to read the files: say so now
     missing = []
@@ -168,7 +168,7 @@ def ensure_hub_splits(names: list[str], download: bool = False) -> None:
             missing.append(f"{spec.name} has no Hugging Face dataset "
                            f"(--data-source hf covers {', '.join(HUB_DATASETS)})")
             continue
-        split = "train" if name.lower().endswith("val") else hub.test
+        split = "train" if is_val(name) else hub.test
         try:
             folder = snapshot(hub.repo, repo_type="dataset", download=download, allow_patterns=_patterns(hub, split),
                               error=DatasetNotFoundError)
@@ -216,3 +216,6 @@ def build_from_hub(spec: DatasetSpec, split: str, preprocess, download: bool = F
         return train
     rest, val = split_train_val(train, spec.name)  # tasks with a val folder locally (EuroSAT): same rule here
     return val if split == "val" else rest
+
+
+register_source(SOURCE, build_from_hub)

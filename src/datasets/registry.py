@@ -3,6 +3,10 @@
 A builder is `build(split, preprocess, location)` with split in {"train", "val", "test"} returning a
 torch Dataset of (image, label). Builders of data that torchvision can fetch also accept `download=True`;
 nothing is downloaded unless the caller asks for it.
+
+Where the images come from is the explicit `source` of `get_dataset` / `load_split`: "local" (the task's own
+builder, reading under `location`) or another registered source (`register_source`): "hf", FusionBench's
+Hugging Face datasets, registered by src/datasets/hf_sets.py.
 """
 import importlib
 import importlib.util
@@ -15,8 +19,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, random_split
 
 from src.datasets import conventions
+from utils import is_val, task_of, val_of
 
 Builder = Callable[..., Dataset]
+# source builder: build(spec, split, preprocess, download, convention) -> Dataset; `spec` carries the convention's
+# class names (src.datasets.conventions)
+SourceBuilder = Callable[["DatasetSpec", str, Callable | None, bool, str | None], Dataset]
+LOCAL = "local"  # the source every task has: its registered builder
 
 # task_vectors convention for `<Task>Val`: 10% of train, at most 5000 images, seed 0, random_split [train, val].
 VAL_FRACTION = 0.1
@@ -52,13 +61,14 @@ class DatasetSpec:
 
 
 _REGISTRY: dict[str, DatasetSpec] = {}
+_SOURCES: dict[str, SourceBuilder] = {}
 
 
 def register_dataset(name: str, build: Builder, classnames: list, templates: list[Callable[[str], str]],
                      val_from_train: bool = True, requires: tuple[str, ...] = ()) -> None:
     """Register a task. With `val_from_train` the registry cuts "val" out of "train" itself. A builder that
     takes a `convention` keyword gets the run's convention (src.datasets.conventions)."""
-    if name.lower().endswith("val"):
+    if is_val(name):
         raise ValueError(f"dataset name {name!r} must not end in 'Val': '<Task>Val' names the validation split")
     _REGISTRY[name] = DatasetSpec(name, build, list(classnames), list(templates), val_from_train, tuple(requires))
 
@@ -68,9 +78,24 @@ def register_task_set(name: str, tasks: list[str]) -> None:
     NAMED_SETS[name.lower()] = list(tasks)
 
 
+def register_source(name: str, build: SourceBuilder) -> None:
+    """Register a data source other than "local": `get_dataset(..., source=name)` builds every split with
+    `build(spec, split, preprocess, download, convention)` instead of the task's own builder."""
+    if name == LOCAL:
+        raise ValueError(f"{LOCAL!r} is the tasks' own builders; register another source name")
+    _SOURCES[name] = build
+
+
+def data_sources() -> list[str]:
+    _load_plugins()
+    return [LOCAL, *_SOURCES]
+
+
 def _load_plugins() -> None:
-    """Import the built-in dataset families and, when present, the embedded demo tasks (they self-register)."""
-    for module in ("src.datasets.folder_sets", "src.datasets.torchvision_sets", "src.datasets.demo"):
+    """Import the built-in dataset families, the hub source and, when present, the embedded demo tasks
+    (they self-register)."""
+    for module in ("src.datasets.folder_sets", "src.datasets.torchvision_sets", "src.datasets.hf_sets",
+                   "src.datasets.demo"):
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module)
 
@@ -82,16 +107,16 @@ def _parse(name: str) -> tuple[str, bool]:
     key = name.strip().lower()
     if key in lookup:
         return lookup[key], False
-    if key.endswith("val") and key[:-3] in lookup:
-        return lookup[key[:-3]], True
+    if is_val(key) and task_of(key) in lookup:
+        return lookup[task_of(key)], True
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(_REGISTRY))} "
                      f"(append 'Val' for the validation split)")
 
 
 def _canonical(name: str) -> str:
     """Registered spelling of a task name, keeping a 'Val' suffix."""
-    base, is_val = _parse(name)
-    return base + "Val" if is_val else base
+    base, val = _parse(name)
+    return val_of(base) if val else base
 
 
 def resolve_tasks(spec: str) -> list[str]:
@@ -156,14 +181,15 @@ def split_train_val(train: Dataset, name: str = "") -> tuple[Subset, Subset]:
 
 
 def _call_build(spec: DatasetSpec, split: str, preprocess, location: str, download: bool,
-                convention: str | None = None) -> Dataset:
+                convention: str | None = None, source: str = LOCAL) -> Dataset:
     check_requirements([spec.name])
     parameters = inspect.signature(spec.build).parameters
     kwargs = {"convention": conventions.check_convention(convention or conventions.DEFAULT)} \
         if "convention" in parameters else {}
-    if str(location).startswith("hf://"):  # --data-source hf: FusionBench's hub datasets (hf_sets.py)
-        from src.datasets.hf_sets import build_from_hub
-        return build_from_hub(get_spec(spec.name, convention), split, preprocess, download, convention)
+    if source != LOCAL:  # e.g. --data-source hf: FusionBench's hub datasets (hf_sets.py); `location` is unused
+        if source not in _SOURCES:
+            raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(data_sources())}")
+        return _SOURCES[source](get_spec(spec.name, convention), split, preprocess, download, convention)
     if not download:
         return spec.build(split, preprocess, location, **kwargs)
     if "download" not in parameters:
@@ -227,27 +253,31 @@ class DatasetSplit:
 
 
 def load_split(name: str, split: str, preprocess, location: str, download: bool = False,
-               convention: str | None = None) -> Dataset:
-    """The raw torch Dataset of one split of a task ("train" is the remainder after cutting "val")."""
+               convention: str | None = None, source: str = LOCAL) -> Dataset:
+    """The raw torch Dataset of one split of a task ("train" is the remainder after cutting "val"), read from
+    `source` ("local": the task's builder under `location`; "hf": the hub)."""
     spec = get_spec(name)
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     if split == "test" or not spec.val_from_train:
-        return _call_build(spec, split, preprocess, location, download, convention)
-    train, val = split_train_val(_call_build(spec, "train", preprocess, location, download, convention), spec.name)
+        return _call_build(spec, split, preprocess, location, download, convention, source)
+    train, val = split_train_val(_call_build(spec, "train", preprocess, location, download, convention, source),
+                                 spec.name)
     return train if split == "train" else val
 
 
 def get_dataset(name: str, preprocess, location: str, batch_size: int = 128, num_workers: int = 2,
-                split: str | None = None, download: bool = False, convention: str | None = None) -> DatasetSplit:
+                split: str | None = None, download: bool = False, convention: str | None = None,
+                source: str = LOCAL) -> DatasetSplit:
     """Task `name` ("XVal" -> split "val" of X, else "test" unless `split` is given) with a non-shuffled loader;
-    data, class names and templates follow `convention` (default task_vectors, src.datasets.conventions)."""
+    data, class names and templates follow `convention` (default task_vectors, src.datasets.conventions). The
+    images come from `source`: "local" (folders under `location`) or a registered source such as "hf"."""
     base, is_val_name = _parse(name)
     split = split or ("val" if is_val_name else "test")
     spec = get_spec(base, convention)
-    dataset = load_split(base, split, preprocess, location, download, convention)
+    dataset = load_split(base, split, preprocess, location, download, convention, source)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    label = f"{base}Val" if split == "val" else base
+    label = val_of(base) if split == "val" else base
     names = spec.classnames if spec.fixed_names else _classnames_of(dataset, spec.classnames)
     return DatasetSplit(label, names, spec.templates, dataset, loader, split=split, source=_source_of(dataset),
                         cut_from_train=spec.val_from_train and split != "test",

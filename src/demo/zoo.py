@@ -28,10 +28,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import clip
-from clip.demo import DEMO_MODELS, create_demo_model, get_demo_tokenizer, to_input
 from src.demo import tasks as T
+from src.demo.model import DEMO_MODELS, create_demo_model, get_demo_tokenizer, to_input
 from src.eval import evaluate
-from src.heads import build_zeroshot_head
+from src.heads import build_zeroshot_head, load_head, save_head
+from src.modeling import build_image_encoder
 from src.task_vectors import TaskVector
 from src.tuning import apply_in_place, default_grid, select_coefficient
 
@@ -244,7 +245,7 @@ def load_built(path: str | Path, tasks) -> tuple[dict[str, torch.Tensor], dict, 
     evaluation: (zero-shot state dict, head per task, task vector per task)."""
     path = Path(path)
     zs = clip.load_state_dict(path / "zeroshot.pt").materialize()
-    heads = {t: clip.load_head(path / f"head_{t}.pt") for t in tasks}
+    heads = {t: load_head(path / f"head_{t}.pt") for t in tasks}
     tvs = {t: TaskVector(zs, clip.load_state_dict(path / t / "finetuned.pt")).materialize() for t in tasks}
     return zs, heads, tvs
 
@@ -279,7 +280,7 @@ def task_arithmetic_report(model_name: str, zs: dict, fts: dict, heads: dict, ta
     """TA (pretrained + lam * sum of task vectors) with lam chosen on val as `main.py --scaling_coef auto`
     does (average normalised accuracy), through the pipeline's own TaskVector, apply_in_place and
     select_coefficient: a build-time sanity check."""
-    encoder = clip.build_image_encoder(model_name, zs).eval()
+    encoder = build_image_encoder(model_name, zs).eval()
     params = encoder.state_dict()
     vectors = {t: TaskVector(zs, fts[t]).materialize() for t in tasks}
     total = sum(vectors.values())
@@ -379,7 +380,7 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
             stats["pretrain"] = json.loads((out / "pretrain.json").read_text())["stats"]
             stats["stages"]["pretrain"] = 0.0
             for task in cfg.tasks:
-                heads[task] = clip.load_head(out / f"head_{task}.pt")
+                heads[task] = load_head(out / f"head_{task}.pt")
             log(f"[demo zoo] pretrain: reusing {out / 'zeroshot.pt'} (same pretraining config)")
         else:
             (out / "pretrain.json").unlink(missing_ok=True)
@@ -390,7 +391,7 @@ def build_zoo(model_name: str, base_dir: str | Path, seed: int = 0, cfg: ZooConf
             torch.save(zs, out / "zeroshot.pt")
             for task in cfg.tasks:
                 heads[task] = zeroshot_head(model, tokenizer, task)
-                clip.save_head(heads[task], out / f"head_{task}.pt")
+                save_head(heads[task], out / f"head_{task}.pt")
             (out / "pretrain.json").write_text(json.dumps({"signature": pre_sig, "stats": stats["pretrain"]}))
 
         t0 = time.time()

@@ -3,8 +3,12 @@
 Both are real `open_clip.model.CLIP` instances with small vision/text configurations, so every layer of
 the pipeline (state-dict keys, task vectors, SVC on 2-D matrices, heads) runs unchanged on them.
 The tokenizer is open_clip's bundled BPE (no download) with its ids remapped, order-preserving, onto the
-compact vocabulary of the demo texts; end-of-text therefore stays the largest id, which open_clip's
-argmax text pooling relies on.
+compact vocabulary of the demo texts (src/demo/tasks.py); end-of-text therefore stays the largest id,
+which open_clip's argmax text pooling relies on.
+
+Importing this module registers both names with `clip.factory` (`register_architecture`), so
+`clip.create_model`, `clip.get_preprocess`, `clip.get_tokenizer` and the checkpoint checks know them;
+src/modeling.py imports it, so every user of the model wrappers has them.
 """
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ import numpy as np
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.tokenizer import SimpleTokenizer
+
+from clip.factory import Architecture, register_architecture
+from src.demo.tasks import corpus
 
 DEMO_MODELS = ("demo", "demo-micro")
 CONTEXT_LENGTH = 16
@@ -68,8 +75,7 @@ class DemoTokenizer:
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer() -> DemoTokenizer:
-    from src.demo.tasks import corpus  # the vocabulary is that of the demo texts
-    return DemoTokenizer(corpus())
+    return DemoTokenizer(corpus())  # the vocabulary is that of the demo texts
 
 
 def get_demo_tokenizer(name: str) -> DemoTokenizer:
@@ -119,3 +125,16 @@ def get_demo_preprocess(name: str) -> tuple[Callable, Callable]:
     """(train_tf, val_tf) for 32x32 RGB images; val_tf is deterministic."""
     _check(name)
     return TrainTransform(), ToInput()
+
+
+def _register(name: str) -> None:
+    # the functions are looked up when called, so a test may patch them on this module
+    register_architecture(name, Architecture(
+        create=lambda: create_demo_model(name), preprocess=lambda: get_demo_preprocess(name),
+        tokenizer=lambda: get_demo_tokenizer(name),
+        no_pretrained="it has no pretrained weights: its heads come with the demo zoo (src.demo.zoo.ensure_zoo "
+                      "writes them next to its checkpoints)"))
+
+
+for _name in DEMO_MODELS:
+    _register(_name)
