@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -53,17 +55,85 @@ def fetch_command(repo_id: str, repo_type: str = "model") -> str:
     return f"hf download {repo_id}" + (" --repo-type dataset" if repo_type == "dataset" else "")
 
 
+def repo_folder(repo_id: str, repo_type: str = "model") -> Path:
+    """``<hub cache>/<models|datasets>--<org>--<name>``: where the hub cache keeps ``repo_id``."""
+    kind = "dataset" if repo_type == "dataset" else "model"
+    return Path(hub_cache_dir()) / f"{kind}s--{repo_id.replace('/', '--')}"
+
+
+_REVISION = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,254}")  # a commit hash: one path component, no '..'
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_ref(repo: Path, refetch: str, error: Callable[[str], Exception]) -> None:
+    """refs/main must name one snapshot folder: huggingface_hub joins its text to ``snapshots/`` as it is, so
+    '../../..' or an absolute path would lead out of the cache."""
+    ref = repo / "refs" / "main"
+    try:
+        mode = os.stat(ref).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise error(f"{ref}: cannot be read ({err}); delete it and fetch the repository again ({refetch})") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{ref}: not a regular file; delete it and fetch the repository again ({refetch})")
+    with open(ref, "rb") as f:
+        value = f.read(256).decode("utf-8", "replace")
+    if not _REVISION.fullmatch(value):
+        raise error(f"{ref} holds {value[:80]!r}, not a revision (a commit hash): it would lead outside "
+                    f"{repo / 'snapshots'}; delete it and fetch the repository again ({refetch})")
+
+
+def check_snapshot(folder: Path, repo: Path, refetch: str, error: Callable[[str], Exception] = CheckpointError) -> None:
+    """Refuse a snapshot that reads outside its repository in the hub cache: the folder must resolve to a child
+    of ``<repo>/snapshots``, and every link inside it (the hub links snapshot files to ``<repo>/blobs``) must
+    resolve inside ``repo`` to a regular file. Folder links are refused (the hub never writes them)."""
+    real_repo = os.path.realpath(repo)
+    real = os.path.realpath(folder)
+    if os.path.dirname(real) != os.path.join(real_repo, "snapshots"):
+        raise error(f"{folder} is a link to {real}, outside {repo / 'snapshots'}: a hub snapshot is a folder of its "
+                    f"repository; delete {repo} and fetch it again ({refetch})")
+    for top, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            if os.path.islink(path):
+                target = os.path.realpath(path)
+                if not _inside(target, real_repo):
+                    raise error(f"{path} is a link to {target}, outside {repo}: a hub snapshot only links to its "
+                                f"repository's blobs; delete {repo} and fetch it again ({refetch})")
+                if name in dirs:
+                    raise error(f"{path} is a link to a folder ({target}), which the hub cache never writes; delete "
+                                f"{repo} and fetch it again ({refetch})")
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as err:
+                if os.path.islink(path) and name in files:  # a link to a missing blob: incomplete, said by the caller
+                    continue
+                raise error(f"{path}: cannot be read ({err}); delete {repo} and fetch it again ({refetch})") from None
+            if not (stat.S_ISDIR(mode) if name in dirs else stat.S_ISREG(mode)):
+                raise error(f"{path}: not a regular file (a FIFO, device or socket); delete {repo} and fetch it again "
+                            f"({refetch})")
+
+
 def snapshot(repo_id: str, *, repo_type: str = "model", download: bool = False,
              allow_patterns: list[str] | None = None, error: Callable[[str], Exception] = CheckpointError) -> Path:
     """The local snapshot folder of ``repo_id``: from the hub cache only, or fetched when ``download``.
 
-    A repository missing from the cache raises ``error`` naming the id, the flag and the command that fetches it.
+    A repository missing from the cache raises ``error`` naming the id, the flag and the command that fetches it;
+    a refs/main, snapshot folder or file that leads outside the repository's folder in the cache raises ``error``
+    naming it (``check_snapshot``), before anything in it is read.
     """
     hub = require("huggingface_hub", "--source hf / --data-source hf")
     kind = "dataset" if repo_type == "dataset" else "model"
+    repo, refetch = repo_folder(repo_id, repo_type), f"`{fetch_command(repo_id, repo_type)}`"
+    if not download:
+        _check_ref(repo, refetch, error)
     try:
-        return Path(hub.snapshot_download(repo_id, repo_type=repo_type, allow_patterns=allow_patterns,
-                                          local_files_only=not download))
+        folder = Path(hub.snapshot_download(repo_id, repo_type=repo_type, allow_patterns=allow_patterns,
+                                            local_files_only=not download))
     except Exception as err:  # every hub failure (missing, incomplete, offline, unknown repo) becomes one line
         if not type(err).__module__.startswith("huggingface_hub") and not isinstance(err, OSError):
             raise
@@ -73,6 +143,8 @@ def snapshot(repo_id: str, *, repo_type: str = "model", download: bool = False,
                         f"`{fetch_command(repo_id, repo_type)}`") from None
         raise error(f"could not download {kind} {repo_id} from the Hugging Face hub "
                     f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    check_snapshot(folder, repo, refetch, error)
+    return folder
 
 
 def _has_weights(folder: Path) -> bool:

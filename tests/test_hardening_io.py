@@ -87,3 +87,69 @@ def test_save_path_that_is_a_file_of_an_input_is_refused_with_or_without_overwri
     # files next to the inputs that are not inputs are fine
     assert check_save_path(sharded / "merged.safetensors", [sharded]) == sharded / "merged.safetensors"
     assert check_save_path(tmp_path / "out" / "m.safetensors", [snap, single, sharded])
+
+
+# ----------------------------------------------------------------------------- 3: nothing read from outside the cache
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty hub cache in HF_HUB_CACHE, offline mode on (nothing touches the network)."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    import huggingface_hub.constants
+
+    cache = tmp_path / "home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def one_line(err) -> str:
+    text = str(err.value)
+    assert "\n" not in text, text
+    return text
+
+
+def test_hub_files_that_resolve_outside_the_cache_are_refused(hub_cache, tmp_path):
+    from clip import hub
+
+    elsewhere = hf_folder(tmp_path / "elsewhere")  # a valid model outside the cache, which must not be read
+    snap = hub_snapshot(hub_cache, "tanganke/x", {"config.json": json.dumps(VISION_CFG)})
+    (snap / "model.safetensors").symlink_to(elsewhere / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is a link to .*elsewhere.*outside .*models--"
+                                              r"tanganke--x.*fetch it again") as err:
+        hub.fetch_model("tanganke/x")
+    one_line(err)
+    # a whole snapshot folder that is a link to another place
+    repo = hub_cache / "models--tanganke--y"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    (repo / "snapshots").mkdir()
+    (repo / "snapshots" / ("a" * 40)).symlink_to(elsewhere)
+    with pytest.raises(CheckpointError, match=r"snapshots.* is a link to .*elsewhere.*outside") as err:
+        hub.fetch_model("tanganke/y")
+    one_line(err)
+    # a sharded snapshot whose shard is a link outside
+    snap = hub_snapshot(hub_cache, "tanganke/z", {"config.json": json.dumps(VISION_CFG),
+                                                  "model.safetensors.index.json": json.dumps(
+                                                      {"weight_map": {"w": "model-1.safetensors"}})})
+    (snap / "model-1.safetensors").symlink_to(elsewhere / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model-1\.safetensors is a link to .*outside"):
+        hub.fetch_model("tanganke/z")
+    # the ordinary layout (files linked to blobs of their repository) is read
+    ok = hub_snapshot(hub_cache, "tanganke/ok", {"config.json": json.dumps(VISION_CFG), "model.safetensors": weights()})
+    assert hub.fetch_model("tanganke/ok") == ok
+    assert "model.visual.ln_post.weight" in clip.load_state_dict(ok)
+
+
+@pytest.mark.parametrize("ref", ["../../..", "ABSOLUTE", "../../../../elsewhere"])
+def test_hub_refs_that_leave_the_snapshots_folder_are_refused(hub_cache, tmp_path, ref):
+    from clip import hub
+
+    elsewhere = hf_folder(tmp_path / "elsewhere")
+    hf_folder(tmp_path / "home")  # what "../../.." reaches: a valid model outside the cache
+    snap = hub_snapshot(hub_cache, "tanganke/x", {"config.json": json.dumps(VISION_CFG), "model.safetensors": weights()})
+    ref = str(elsewhere) if ref == "ABSOLUTE" else ref
+    (snap.parent.parent / "refs" / "main").write_text(ref)
+    with pytest.raises(CheckpointError, match=r"refs/main holds .*, not a revision .*delete it and fetch") as err:
+        hub.fetch_model("tanganke/x")
+    one_line(err)
