@@ -32,10 +32,31 @@ _TEXT = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight
          "text_model.final_layer_norm.bias": "ln_final.bias",
          "logit_scale": "logit_scale"}
 _BLOCK = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_TEXT_BLOCK = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def hf_plan(hf_keys) -> dict[str, tuple[str, list[str]]]:
-    """open_clip key -> (op, HF source keys), op in {"copy", "qkv", "T"}. Unmapped keys raise."""
+def _text_layer(k: str, keys: set, plan: dict) -> None:
+    """HF ``text_model.encoder.layers.*`` -> open_clip ``transformer.resblocks.*`` (q/k/v stacked)."""
+    m = _TEXT_BLOCK.match(k)
+    if not m:
+        return
+    i, name, kind = m.groups()
+    out = f"transformer.resblocks.{i}."
+    if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        src = [f"text_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}" for p in "qkv"]
+        missing = [s for s in src if s not in keys]
+        if missing:
+            raise CheckpointError(f"Hugging Face checkpoint has {k} but not {missing}")
+        plan[out + f"attn.in_proj_{kind}"] = ("qkv", src)
+    elif name in _LAYER:
+        plan[out + f"{_LAYER[name]}.{kind}"] = ("copy", [k])
+    else:
+        raise CheckpointError(f"unknown Hugging Face CLIP text key {k!r}")
+
+
+def hf_plan(hf_keys, text: bool = False) -> dict[str, tuple[str, list[str]]]:
+    """open_clip key -> (op, HF source keys), op in {"copy", "qkv", "T"}. Unmapped keys raise. The text
+    transformer's layers are mapped only with ``text`` (they are not part of the image encoder)."""
     hf_keys = list(hf_keys)
     # transformers >= 5 saves CLIPVisionModel without the "vision_model." prefix
     bare = not any(k.startswith("vision_model.") for k in hf_keys) and any(k.startswith("embeddings.") for k in hf_keys)
@@ -54,6 +75,8 @@ def hf_plan(hf_keys) -> dict[str, tuple[str, list[str]]]:
         elif k == "text_projection.weight":
             plan["text_projection"] = ("T", [k])
         elif k.startswith("text_model."):
+            if text:
+                _text_layer(k, keys, plan)
             continue  # text transformer: not part of the image encoder state dict
         elif m := _BLOCK.match(k):
             i, name, kind = m.groups()
@@ -81,9 +104,26 @@ def _apply(op: str, *tensors: Tensor) -> Tensor:
     return tensors[0]
 
 
-def hf_to_open_clip(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def check_parts(op: str, src: list[str], shapes: list, where: str) -> None:
+    """The tensors an entry is built from must fit it: q/k/v of one layer of one shape, a transposed
+    projection 2-D; else a CheckpointError naming ``where`` (the file) and the keys."""
+    shapes = [tuple(s) for s in shapes]
+    if op == "qkv" and (len(set(shapes)) != 1 or len(shapes[0]) not in (1, 2)):
+        raise CheckpointError(f"{where}: {', '.join(src)} have shapes {', '.join(map(str, shapes))}: the q/k/v "
+                              "projections of a layer must have one shape (malformed checkpoint); download it again")
+    if op == "T" and len(shapes[0]) != 2:
+        raise CheckpointError(f"{where}: {src[0]} has shape {shapes[0]}, not a matrix (malformed checkpoint); "
+                              "download it again")
+
+
+def hf_to_open_clip(state_dict: Mapping[str, Tensor], text: bool = False) -> dict[str, Tensor]:
     """Eager conversion of a HF CLIP state dict to open_clip keys (no ``model.`` prefix)."""
-    return {k: _apply(op, *[state_dict[s] for s in src]) for k, (op, src) in hf_plan(state_dict.keys()).items()}
+    out = {}
+    for k, (op, src) in hf_plan(state_dict.keys(), text).items():
+        parts = [state_dict[s] for s in src]
+        check_parts(op, src, [p.shape for p in parts], "Hugging Face state dict")
+        out[k] = _apply(op, *parts)
+    return out
 
 
 def open_clip_to_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -148,6 +188,10 @@ def _shard(folder: Path, index: Path, name: Any) -> Path:
     return folder.joinpath(*rel.parts)
 
 
+class MissingWeights(CheckpointError):
+    """A Hugging Face folder without weight files (as opposed to one whose files are malformed)."""
+
+
 def _weight_files(folder: Path) -> list[Path]:
     for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / name
@@ -159,12 +203,14 @@ def _weight_files(folder: Path) -> list[Path]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
             return [folder / name]
-    raise CheckpointError(f"{folder}: Hugging Face folder without weights: expected model.safetensors, "
+    raise MissingWeights(f"{folder}: Hugging Face folder without weights: expected model.safetensors, "
                           "pytorch_model.bin or a sharded *.index.json next to config.json")
 
 
-def load_hf_folder(folder: Path, *, check_finite: bool = True) -> StateDict:
-    """Lazy StateDict (``model.`` + open_clip keys) of a HF CLIPModel/CLIPVisionModel folder."""
+def load_hf_folder(folder: Path, *, check_finite: bool = True, text: bool = False) -> StateDict:
+    """Lazy StateDict (``model.`` + open_clip keys) of a HF CLIPModel/CLIPVisionModel folder; with ``text`` the
+    text transformer too (``model.transformer.*``, to build zero-shot heads). Every file is read by the
+    safe readers of ``clip.checkpoint`` (no torch.load)."""
     folder = Path(folder)
     config = _json_object(folder / "config.json")
     model_type = config.get("model_type")
@@ -191,8 +237,9 @@ def load_hf_folder(folder: Path, *, check_finite: bool = True) -> StateDict:
             files += fs
         raw.update(entries)
     entries = {}
-    for key, (op, src) in hf_plan(raw.keys()).items():
+    for key, (op, src) in hf_plan(raw.keys(), text).items():
         parts = [raw[s] for s in src]
+        check_parts(op, src, [p.shape for p in parts], str(getattr(parts[0].file, "path", folder)))
         if op == "copy":
             entries["model." + key] = parts[0]
         else:

@@ -153,3 +153,108 @@ def test_hub_refs_that_leave_the_snapshots_folder_are_refused(hub_cache, tmp_pat
     with pytest.raises(CheckpointError, match=r"refs/main holds .*, not a revision .*delete it and fetch") as err:
         hub.fetch_model("tanganke/x")
     one_line(err)
+
+
+# ----------------------------------------------------------------------------- 4: malformed files, one line each
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    """A tiny Hugging Face CLIPModel folder (demo-micro sizes: text_model_from_hf builds demo-micro from it)."""
+    transformers = pytest.importorskip("transformers")
+    from tests.test_hub import demo_micro_clip_config
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("clip_hf")
+    transformers.CLIPModel(demo_micro_clip_config()).eval().save_pretrained(folder)
+    return folder
+
+
+def copy_folder(src: Path, dst: Path, change=None, name: str = "model.safetensors") -> Path:
+    """``src`` copied to ``dst`` with its tensors passed through ``change(dict) -> dict``."""
+    from safetensors.torch import load_file
+
+    dst.mkdir(parents=True)
+    (dst / "config.json").write_bytes((src / "config.json").read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    tensors = change(tensors) if change else tensors
+    if name.endswith(".bin"):
+        torch.save(tensors, dst / name)
+    else:
+        save_file(tensors, dst / name, metadata={"format": "pt"})
+    return dst
+
+
+def with_gap(path: Path, gap: int = 8) -> None:
+    """Rewrite a safetensors file with ``gap`` unused bytes before its first tensor (offsets shifted)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    for key, h in header.items():
+        if key != "__metadata__":
+            h["data_offsets"] = [o + gap for o in h["data_offsets"]]
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"\0" * gap + raw[8 + n:])
+
+
+@pytest.mark.parametrize("tower", ["text", "vision"])
+def test_qkv_projections_of_different_widths_are_one_line(clip_folder, tmp_path, tower):
+    from clip import hub
+
+    key = f"{tower}_model.encoder.layers.0.self_attn.k_proj.weight"
+    folder = copy_folder(clip_folder, tmp_path / "narrow", lambda t: {**t, key: t[key][:, :16].contiguous()})
+    pattern = r"model\.safetensors: .*layers\.0\.self_attn\.[qkv]_proj\.weight .*shapes .*malformed"
+    with pytest.raises(CheckpointError, match=pattern) as err:
+        hub.text_model_from_hf("demo-micro", folder)
+    one_line(err)
+    if tower == "vision":  # the image encoder alone does not read the text transformer
+        with pytest.raises(CheckpointError, match=pattern):
+            clip.load_state_dict(folder)  # refused when opened, not as a read error later
+
+
+def test_safetensors_with_a_gap_or_trailing_bytes_is_one_line(clip_folder, tmp_path):
+    from clip import hub
+
+    folder = copy_folder(clip_folder, tmp_path / "gap")
+    with_gap(folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: .*gap of 8 bytes before tensor") as err:
+        hub.text_model_from_hf("demo-micro", folder)
+    one_line(err)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: .*gap of 8 bytes"):
+        clip.load_state_dict(folder)
+    trailing = tmp_path / "trailing.safetensors"
+    trailing.write_bytes(weights() + b"\0" * 8)
+    with pytest.raises(CheckpointError, match=r"trailing\.safetensors: .*8 bytes after the last tensor"):
+        clip.load_state_dict(trailing)
+
+
+def test_pytorch_bin_with_a_numpy_scalar_is_read_once_through_the_safe_loader(clip_folder, tmp_path, monkeypatch):
+    import numpy as np
+
+    from clip import hub
+
+    folder = copy_folder(clip_folder, tmp_path / "bin", lambda t: {**t, "step": np.float64(3.0)},
+                         name="pytorch_model.bin")
+
+    def no_torch_load(*args, **kwargs):
+        raise AssertionError("torch.load called: checkpoints are read by clip's allow-listed unpickler only")
+
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    from_bin = hub.text_model_from_hf("demo-micro", folder)
+    from_st = hub.text_model_from_hf("demo-micro", clip_folder)
+    assert from_bin is not None
+    for (k, a), (_, b) in zip(from_bin.state_dict().items(), from_st.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_hub_index_pointing_outside_the_folder_says_so(hub_cache):
+    from clip import hub
+
+    for repo in ("tanganke/x", "openai/x"):
+        hub_snapshot(hub_cache, repo, {"config.json": json.dumps(VISION_CFG), "model.safetensors.index.json":
+                                       json.dumps({"weight_map": {"w": "../other/model.safetensors"}})})
+    with pytest.raises(CheckpointError, match=r"index\.json: shard '\.\./other/model\.safetensors' lies outside the "
+                                              r"folder") as err:
+        hub.fetch_model("tanganke/x")
+    assert "lacks config.json or its weights" not in one_line(err)
+    with pytest.raises(CheckpointError, match=r"index\.json: shard .* lies outside") as err:
+        hub.hub_checkpoints("x", ["MNIST"], hub_cache.parent)
+    assert "missing" not in str(err.value)
