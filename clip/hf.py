@@ -10,9 +10,10 @@ mapped (it is not part of the image encoder's state dict); the text-side embeddi
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -192,27 +193,30 @@ class MissingWeights(CheckpointError):
     """A Hugging Face folder without weight files (as opposed to one whose files are malformed)."""
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / name
-        if index.is_file():
-            weight_map = _json_object(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index}: no 'weight_map' object; download the folder again")
-            return sorted({_shard(folder, index, s) for s in weight_map.values()})
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return [folder / name]
-    raise MissingWeights(f"{folder}: Hugging Face folder without weights: expected model.safetensors, "
-                          "pytorch_model.bin or a sharded *.index.json next to config.json")
+_PARSED: dict[tuple, Any] = {}  # (what, path, stat) -> the little kept of a parsed JSON file
+_PARSED_MAX = 256
 
 
-def load_hf_folder(folder: Path, *, check_finite: bool = True, text: bool = False) -> StateDict:
-    """Lazy StateDict (``model.`` + open_clip keys) of a HF CLIPModel/CLIPVisionModel folder; with ``text`` the
-    text transformer too (``model.transformer.*``, to build zero-shot heads). Every file is read by the
-    safe readers of ``clip.checkpoint`` (no torch.load)."""
-    folder = Path(folder)
-    config = _json_object(folder / "config.json")
+def _parsed_once(what: str, path: Path, parse: Callable[[Path], Any]) -> Any:
+    """``parse(path)``, once per version of the file (path, inode, size, modification and change times): a large
+    config.json is parsed once per process, not once per open, and only what the loaders use is kept."""
+    st = os.stat(path)
+    if st.st_size > MAX_JSON_BYTES:  # checked on every open: a cap lowered later still applies
+        raise CheckpointError(f"{path}: {st.st_size} bytes, more than the {MAX_JSON_BYTES} allowed for "
+                              "a JSON file of a Hugging Face folder; download the folder again")
+    key = (what, os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _PARSED:
+        value = parse(path)  # errors are raised each time, not kept
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[key] = value
+    return _PARSED[key]
+
+
+def _config(path: Path) -> dict[str, Any]:
+    """What the loaders use of a config.json: ``model_type`` and the vision tower's ``hidden_act``, checked."""
+    folder = path.parent
+    config = _json_object(path)
     model_type = config.get("model_type")
     if model_type not in ("clip", "clip_vision_model"):
         raise CheckpointError(f"{folder}: config.json model_type is {str(model_type)[:80]!r}; only Hugging Face CLIP "
@@ -224,6 +228,36 @@ def load_hf_folder(folder: Path, *, check_finite: bool = True, text: bool = Fals
     if act != "quick_gelu":
         raise CheckpointError(f"{folder}: vision hidden_act is {str(act)[:80]!r}, but open_clip ViT-B/L CLIP models here "
                               "use QuickGELU; this is not an OpenAI-style CLIP checkpoint")
+    return {"model_type": model_type, "hidden_act": act}
+
+
+def _index_shards(index: Path) -> tuple[tuple[str, ...], ...]:
+    """The shard files an index names, as path parts relative to its folder (checked by ``_shard``)."""
+    weight_map = _json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no 'weight_map' object; download the folder again")
+    return tuple(sorted({_shard(index.parent, index, s).relative_to(index.parent).parts
+                         for s in weight_map.values()}))
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / name
+        if index.is_file():
+            return [folder.joinpath(*parts) for parts in _parsed_once("index", index, _index_shards)]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    raise MissingWeights(f"{folder}: Hugging Face folder without weights: expected model.safetensors, "
+                         "pytorch_model.bin or a sharded *.index.json next to config.json")
+
+
+def load_hf_folder(folder: Path, *, check_finite: bool = True, text: bool = False) -> StateDict:
+    """Lazy StateDict (``model.`` + open_clip keys) of a HF CLIPModel/CLIPVisionModel folder; with ``text`` the
+    text transformer too (``model.transformer.*``, to build zero-shot heads). Every file is read by the
+    safe readers of ``clip.checkpoint`` (no torch.load)."""
+    folder = Path(folder)
+    model_type = _parsed_once("config", folder / "config.json", _config)["model_type"]
     raw, files = {}, []
     for wf in _weight_files(folder):
         if not wf.is_file():

@@ -258,3 +258,40 @@ def test_hub_index_pointing_outside_the_folder_says_so(hub_cache):
     with pytest.raises(CheckpointError, match=r"index\.json: shard .* lies outside") as err:
         hub.hub_checkpoints("x", ["MNIST"], hub_cache.parent)
     assert "missing" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- 5: each config parsed once
+@pytest.mark.filterwarnings("ignore:.*identical to the zero-shot")
+def test_each_config_is_parsed_once_per_version(clip_folder, tmp_path, monkeypatch):
+    """A large config.json (under the cap) costs one parse, not one per open: opening the zero-shot folder, its
+    text tower for heads, the fine-tune filled from it and the checks all reuse it until the file changes."""
+    from clip import hub
+    from clip.layout import CheckpointSet
+
+    zs = copy_folder(clip_folder, tmp_path / "zs")
+    config = json.loads((zs / "config.json").read_text())
+    (zs / "config.json").write_text(json.dumps({**config, "padding": ["zs"] * 1000}))
+    ft = copy_folder(clip_folder, tmp_path / "ft")
+    (ft / "config.json").write_text(json.dumps({**config, "padding": ["ft"] * 1000}))
+    parses = []
+    loads = json.loads
+
+    def counting(text, *args, **kwargs):
+        text_ = text.decode() if isinstance(text, (bytes, bytearray)) else text
+        for who in ("zs", "ft"):
+            if f'"padding": ["{who}"' in text_:
+                parses.append(who)
+        return loads(text, *args, **kwargs)
+
+    monkeypatch.setattr(json, "loads", counting)
+    ckpts = CheckpointSet("hf", tmp_path, zs, {"MNIST": ft}, {})
+    clip.load_state_dict(zs)
+    assert hub.text_model_from_hf("demo-micro", zs) is not None
+    ckpts.check()
+    ckpts.load_finetuned("MNIST")
+    clip.load_state_dict(ft)
+    assert sorted(parses) == ["ft", "zs"], parses
+    # a changed file is parsed again
+    (ft / "config.json").write_text(json.dumps({**config, "padding": ["ft"] * 1001}))
+    clip.load_state_dict(ft)
+    assert sorted(parses) == ["ft", "ft", "zs"], parses
