@@ -295,3 +295,63 @@ def test_each_config_is_parsed_once_per_version(clip_folder, tmp_path, monkeypat
     (ft / "config.json").write_text(json.dumps({**config, "padding": ["ft"] * 1001}))
     clip.load_state_dict(ft)
     assert sorted(parses) == ["ft", "ft", "zs"], parses
+
+
+# ----------------------------------------------------------------------------- 6: caches key on content
+def test_replacing_a_finetune_in_place_changes_the_fingerprint(tmp_path):
+    from clip.layout import CheckpointSet, content_identity
+
+    zs, mnist, eurosat = (hf_folder(tmp_path / n) for n in ("zs", "mnist", "eurosat"))
+    ckpts = CheckpointSet("hf", tmp_path, zs, {"MNIST": mnist, "EuroSAT": eurosat}, {})
+    before, identity = ckpts.fingerprint(), content_identity(mnist)
+    assert ckpts.fingerprint() == before and content_identity(mnist) == identity  # nothing touched: the same
+    os.utime(mnist)  # the folder's own times do not matter
+    assert ckpts.fingerprint() == before
+    weights_file = mnist / "model.safetensors"
+    st = os.stat(weights_file)
+    with open(weights_file, "wb") as f:  # in place, as cp does: same name, same size, the folder untouched
+        f.write(weights(2.0))
+    os.utime(weights_file, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with its old modification time
+    assert os.stat(weights_file).st_size == st.st_size
+    assert content_identity(mnist) != identity and ckpts.fingerprint() != before
+    changed = ckpts.fingerprint()
+    (mnist / "config.json").write_text(json.dumps({**VISION_CFG, "note": 1}))  # a config is content too
+    assert ckpts.fingerprint() != changed
+    assert content_identity(zs) != content_identity(mnist)
+
+
+def test_file_checkpoints_and_released_heads_are_in_the_fingerprint(tmp_path):
+    from clip.checkpoint import save_head
+    from clip.layout import CheckpointSet
+    from src.modeling import ClassificationHead
+
+    zs, ft = tmp_path / "zeroshot.pt", tmp_path / "MNIST" / "finetuned.pt"
+    ft.parent.mkdir()
+    torch.save({"model.w": torch.ones(4)}, zs)
+    torch.save({"model.w": torch.full((4,), 2.0)}, ft)
+    head = tmp_path / "head_MNIST.pt"
+    ckpts = CheckpointSet("task_vectors", tmp_path, zs, {"MNIST": ft}, {"MNIST": head})
+    missing_head = ckpts.fingerprint()
+    save_head(ClassificationHead(True, torch.ones(3, 4), torch.zeros(3)), head)  # what main.py builds and caches
+    assert ckpts.fingerprint() == missing_head  # a head built from the zero-shot is not another input
+    torch.save(ClassificationHead(True, torch.ones(3, 4), torch.zeros(3)), head)  # a released head (pickled module)
+    released = ckpts.fingerprint()
+    assert released != missing_head
+    torch.save(ClassificationHead(True, torch.full((3, 4), 3.0), torch.zeros(3)), head)
+    assert ckpts.fingerprint() != released
+    before = ckpts.fingerprint()
+    torch.save({"model.w": torch.full((4,), 5.0)}, ft)  # the same name and size, other weights
+    assert ckpts.fingerprint() != before
+
+
+def test_hub_snapshot_identity_is_its_blob_hashes(hub_cache):
+    from clip.layout import content_identity
+
+    files = {"config.json": json.dumps(VISION_CFG), "model.safetensors": weights()}
+    snap = hub_snapshot(hub_cache, "tanganke/x", files)
+    identity = content_identity(snap)
+    for f in snap.iterdir():
+        os.utime(f.resolve())  # a touched blob is the same content
+    assert content_identity(snap) == identity
+    other = hub_snapshot(hub_cache, "tanganke/x", {**files, "model.safetensors": weights(2.0)}, rev="b" * 40)
+    assert content_identity(other) != identity
