@@ -503,6 +503,15 @@ def read_safetensors(path: PathLike) -> tuple[dict[str, _FileTensor], dict[str, 
     for (_, end_a, key_a), (begin_b, _, key_b) in zip(spans, spans[1:]):
         if begin_b < end_a:
             raise _bad_header(path, f"tensors {key_a!r} and {key_b!r} overlap")
+    # the format indexes its byte buffer entirely, without holes (the safetensors library refuses anything else)
+    end = 0
+    for begin, stop, key in spans:
+        if begin != end:
+            raise _bad_header(path, f"a gap of {begin - end} bytes before tensor {key!r} (data_offsets must follow "
+                                    "each other from 0)")
+        end = stop
+    if base + end != size:
+        raise _bad_header(path, f"{size - base - end} bytes after the last tensor")
     return entries, meta, file
 
 

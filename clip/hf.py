@@ -10,9 +10,10 @@ mapped (it is not part of the image encoder's state dict); the text-side embeddi
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -32,10 +33,31 @@ _TEXT = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight
          "text_model.final_layer_norm.bias": "ln_final.bias",
          "logit_scale": "logit_scale"}
 _BLOCK = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_TEXT_BLOCK = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def hf_plan(hf_keys) -> dict[str, tuple[str, list[str]]]:
-    """open_clip key -> (op, HF source keys), op in {"copy", "qkv", "T"}. Unmapped keys raise."""
+def _text_layer(k: str, keys: set, plan: dict) -> None:
+    """HF ``text_model.encoder.layers.*`` -> open_clip ``transformer.resblocks.*`` (q/k/v stacked)."""
+    m = _TEXT_BLOCK.match(k)
+    if not m:
+        return
+    i, name, kind = m.groups()
+    out = f"transformer.resblocks.{i}."
+    if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        src = [f"text_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}" for p in "qkv"]
+        missing = [s for s in src if s not in keys]
+        if missing:
+            raise CheckpointError(f"Hugging Face checkpoint has {k} but not {missing}")
+        plan[out + f"attn.in_proj_{kind}"] = ("qkv", src)
+    elif name in _LAYER:
+        plan[out + f"{_LAYER[name]}.{kind}"] = ("copy", [k])
+    else:
+        raise CheckpointError(f"unknown Hugging Face CLIP text key {k!r}")
+
+
+def hf_plan(hf_keys, text: bool = False) -> dict[str, tuple[str, list[str]]]:
+    """open_clip key -> (op, HF source keys), op in {"copy", "qkv", "T"}. Unmapped keys raise. The text
+    transformer's layers are mapped only with ``text`` (they are not part of the image encoder)."""
     hf_keys = list(hf_keys)
     # transformers >= 5 saves CLIPVisionModel without the "vision_model." prefix
     bare = not any(k.startswith("vision_model.") for k in hf_keys) and any(k.startswith("embeddings.") for k in hf_keys)
@@ -54,6 +76,8 @@ def hf_plan(hf_keys) -> dict[str, tuple[str, list[str]]]:
         elif k == "text_projection.weight":
             plan["text_projection"] = ("T", [k])
         elif k.startswith("text_model."):
+            if text:
+                _text_layer(k, keys, plan)
             continue  # text transformer: not part of the image encoder state dict
         elif m := _BLOCK.match(k):
             i, name, kind = m.groups()
@@ -81,9 +105,26 @@ def _apply(op: str, *tensors: Tensor) -> Tensor:
     return tensors[0]
 
 
-def hf_to_open_clip(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def check_parts(op: str, src: list[str], shapes: list, where: str) -> None:
+    """The tensors an entry is built from must fit it: q/k/v of one layer of one shape, a transposed
+    projection 2-D; else a CheckpointError naming ``where`` (the file) and the keys."""
+    shapes = [tuple(s) for s in shapes]
+    if op == "qkv" and (len(set(shapes)) != 1 or len(shapes[0]) not in (1, 2)):
+        raise CheckpointError(f"{where}: {', '.join(src)} have shapes {', '.join(map(str, shapes))}: the q/k/v "
+                              "projections of a layer must have one shape (malformed checkpoint); download it again")
+    if op == "T" and len(shapes[0]) != 2:
+        raise CheckpointError(f"{where}: {src[0]} has shape {shapes[0]}, not a matrix (malformed checkpoint); "
+                              "download it again")
+
+
+def hf_to_open_clip(state_dict: Mapping[str, Tensor], text: bool = False) -> dict[str, Tensor]:
     """Eager conversion of a HF CLIP state dict to open_clip keys (no ``model.`` prefix)."""
-    return {k: _apply(op, *[state_dict[s] for s in src]) for k, (op, src) in hf_plan(state_dict.keys()).items()}
+    out = {}
+    for k, (op, src) in hf_plan(state_dict.keys(), text).items():
+        parts = [state_dict[s] for s in src]
+        check_parts(op, src, [p.shape for p in parts], "Hugging Face state dict")
+        out[k] = _apply(op, *parts)
+    return out
 
 
 def open_clip_to_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -148,25 +189,34 @@ def _shard(folder: Path, index: Path, name: Any) -> Path:
     return folder.joinpath(*rel.parts)
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / name
-        if index.is_file():
-            weight_map = _json_object(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index}: no 'weight_map' object; download the folder again")
-            return sorted({_shard(folder, index, s) for s in weight_map.values()})
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return [folder / name]
-    raise CheckpointError(f"{folder}: Hugging Face folder without weights: expected model.safetensors, "
-                          "pytorch_model.bin or a sharded *.index.json next to config.json")
+class MissingWeights(CheckpointError):
+    """A Hugging Face folder without weight files (as opposed to one whose files are malformed)."""
 
 
-def load_hf_folder(folder: Path, *, check_finite: bool = True) -> StateDict:
-    """Lazy StateDict (``model.`` + open_clip keys) of a HF CLIPModel/CLIPVisionModel folder."""
-    folder = Path(folder)
-    config = _json_object(folder / "config.json")
+_PARSED: dict[tuple, Any] = {}  # (what, path, stat) -> the little kept of a parsed JSON file
+_PARSED_MAX = 256
+
+
+def _parsed_once(what: str, path: Path, parse: Callable[[Path], Any]) -> Any:
+    """``parse(path)``, once per version of the file (path, inode, size, modification and change times): a large
+    config.json is parsed once per process, not once per open, and only what the loaders use is kept."""
+    st = os.stat(path)
+    if st.st_size > MAX_JSON_BYTES:  # checked on every open: a cap lowered later still applies
+        raise CheckpointError(f"{path}: {st.st_size} bytes, more than the {MAX_JSON_BYTES} allowed for "
+                              "a JSON file of a Hugging Face folder; download the folder again")
+    key = (what, os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _PARSED:
+        value = parse(path)  # errors are raised each time, not kept
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[key] = value
+    return _PARSED[key]
+
+
+def _config(path: Path) -> dict[str, Any]:
+    """What the loaders use of a config.json: ``model_type`` and the vision tower's ``hidden_act``, checked."""
+    folder = path.parent
+    config = _json_object(path)
     model_type = config.get("model_type")
     if model_type not in ("clip", "clip_vision_model"):
         raise CheckpointError(f"{folder}: config.json model_type is {str(model_type)[:80]!r}; only Hugging Face CLIP "
@@ -178,6 +228,36 @@ def load_hf_folder(folder: Path, *, check_finite: bool = True) -> StateDict:
     if act != "quick_gelu":
         raise CheckpointError(f"{folder}: vision hidden_act is {str(act)[:80]!r}, but open_clip ViT-B/L CLIP models here "
                               "use QuickGELU; this is not an OpenAI-style CLIP checkpoint")
+    return {"model_type": model_type, "hidden_act": act}
+
+
+def _index_shards(index: Path) -> tuple[tuple[str, ...], ...]:
+    """The shard files an index names, as path parts relative to its folder (checked by ``_shard``)."""
+    weight_map = _json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no 'weight_map' object; download the folder again")
+    return tuple(sorted({_shard(index.parent, index, s).relative_to(index.parent).parts
+                         for s in weight_map.values()}))
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / name
+        if index.is_file():
+            return [folder.joinpath(*parts) for parts in _parsed_once("index", index, _index_shards)]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    raise MissingWeights(f"{folder}: Hugging Face folder without weights: expected model.safetensors, "
+                         "pytorch_model.bin or a sharded *.index.json next to config.json")
+
+
+def load_hf_folder(folder: Path, *, check_finite: bool = True, text: bool = False) -> StateDict:
+    """Lazy StateDict (``model.`` + open_clip keys) of a HF CLIPModel/CLIPVisionModel folder; with ``text`` the
+    text transformer too (``model.transformer.*``, to build zero-shot heads). Every file is read by the
+    safe readers of ``clip.checkpoint`` (no torch.load)."""
+    folder = Path(folder)
+    model_type = _parsed_once("config", folder / "config.json", _config)["model_type"]
     raw, files = {}, []
     for wf in _weight_files(folder):
         if not wf.is_file():
@@ -191,8 +271,9 @@ def load_hf_folder(folder: Path, *, check_finite: bool = True) -> StateDict:
             files += fs
         raw.update(entries)
     entries = {}
-    for key, (op, src) in hf_plan(raw.keys()).items():
+    for key, (op, src) in hf_plan(raw.keys(), text).items():
         parts = [raw[s] for s in src]
+        check_parts(op, src, [p.shape for p in parts], str(getattr(parts[0].file, "path", folder)))
         if op == "copy":
             entries["model." + key] = parts[0]
         else:

@@ -11,11 +11,15 @@ Layouts (``root`` is tried as ``<base_dir>/checkpoints/<model>``, ``<base_dir>/<
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clip.checkpoint import WHERE_CHECKPOINTS_COME_FROM, CheckpointError, StateDict, check_compatible, warn_if_identical
+from clip.checkpoint import (WHERE_CHECKPOINTS_COME_FROM, CheckpointError, StateDict, check_compatible, read_pickle,
+                             warn_if_identical)
 from clip.factory import load_state_dict
 from utils import task_of, val_of
 
@@ -32,6 +36,58 @@ HF_TASK_IDS = {"SUN397": "sun397", "Cars": "stanford-cars", "RESISC45": "resisc4
                "EMNIST": "emnist_letters", "KMNIST": "kmnist", "RenderedSST2": "rendered-sst2"}
 
 
+IDENTITY_BYTES = 1 << 20  # hashed at each end of a file: the safetensors header / a zip's first records, and more
+_CONTENT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt)$|config\.json$|.*\.index\.json$")
+_BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # the hub cache names blobs by their git SHA-1 / SHA-256
+
+
+def _file_identity(path: Path) -> str:
+    """A hub blob's name (its content hash) and size, or else size, mtime_ns and a SHA-256 of the file's first and
+    last MiB: cheap, and it changes when weights are replaced in place under the same name."""
+    real = Path(os.path.realpath(path))
+    st = os.stat(real)
+    if real != Path(os.path.abspath(path)) and real.parent.name == "blobs" and _BLOB.fullmatch(real.name):
+        return f"blob {real.name} {st.st_size}"
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        h.update(f.read(IDENTITY_BYTES))
+        if st.st_size > IDENTITY_BYTES:
+            f.seek(max(IDENTITY_BYTES, st.st_size - IDENTITY_BYTES))
+            h.update(f.read(IDENTITY_BYTES))
+    return f"{st.st_size} {st.st_mtime_ns} {h.hexdigest()[:32]}"
+
+
+def content_identity(path: str | os.PathLike) -> str:
+    """What identifies a checkpoint's content, cheaply (no full read), for cache keys.
+
+    A file: its size, mtime_ns and a SHA-256 of its first and last MiB. A folder (Hugging Face model folder,
+    hub snapshot): the same for every weight and config file inside it (``*.safetensors``, ``*.bin``, ``*.pt``,
+    ``*.pth``, ``*.ckpt``, ``config.json``, ``*.index.json``), by relative path; a hub snapshot file counts
+    by the blob hash the cache names it by. Replacing weights in place changes it; touching nothing keeps it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        return hashlib.sha256(_file_identity(path).encode()).hexdigest()[:32]
+    files = sorted(os.path.relpath(os.path.join(top, name), path) for top, _, names in os.walk(path)
+                   for name in names if _CONTENT_FILES.fullmatch(name))
+    listing = [(rel, _file_identity(path / rel)) for rel in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:32]
+
+
+def _built_head(path: Path) -> bool:
+    """A head written by ``src.heads.save_head`` (a plain dict of weight, bias, normalize): built from the zero-shot
+    model's text tower, so not an input of its own."""
+    try:
+        obj, files = read_pickle(path)
+    except CheckpointError:
+        return False
+    for f in files:
+        f.close()
+    return isinstance(obj, dict) and set(obj) <= {"weight", "bias", "normalize"}
+
+
 @dataclass
 class CheckpointSet:
     """Where a model's checkpoints are. ``heads`` are the expected head paths (they may not exist
@@ -46,6 +102,16 @@ class CheckpointSet:
     def describe(self) -> str:
         return (f"checkpoint layout '{self.layout}' at {self.root}: zero-shot {self.zeroshot}, "
                 f"{len(self.finetuned)} fine-tuned ({', '.join(self.finetuned)})")
+
+    def fingerprint(self) -> str:
+        """Short id of the checkpoints' content (``content_identity``): the zero-shot, every fine-tuned input and
+        the released heads (a head that is missing or was built from the zero-shot counts as 'built'). Runs and
+        cached accuracies keyed by it are never reused after a checkpoint is replaced in place."""
+        heads = {t: "built" if not Path(p).exists() or _built_head(Path(p)) else content_identity(p)
+                 for t, p in sorted(self.heads.items())}
+        what = {"layout": self.layout, "zeroshot": content_identity(self.zeroshot),
+                "finetuned": {t: content_identity(p) for t, p in sorted(self.finetuned.items())}, "heads": heads}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
     def load_zeroshot(self, model_name: str | None = None) -> StateDict:
         return load_state_dict(self.zeroshot, model_name=model_name)

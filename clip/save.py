@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -35,21 +36,53 @@ def sidecar_path(path: PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def _input_files(sources: Iterable[PathLike]) -> tuple[dict[str, Path], dict[tuple[int, int], Path]]:
+    """Every file the ``sources`` consist of, by resolved path and by (device, inode): a file itself, and every
+    file inside a folder-shaped input (a Hugging Face folder's config, weights, shards and index; a hub
+    snapshot's symlinks resolve to their blobs)."""
+    by_path: dict[str, Path] = {}
+    by_inode: dict[tuple[int, int], Path] = {}
+    for src in sources:
+        src = Path(src)
+        files = [src]
+        if src.is_dir():
+            files += [Path(d) / f for d, _, names in os.walk(src) for f in names]
+        for f in files:
+            by_path.setdefault(os.path.realpath(f), f)
+            try:
+                st = os.stat(f)
+            except OSError:
+                continue  # not there (yet): compared by path only
+            if not stat.S_ISDIR(st.st_mode):
+                by_inode.setdefault((st.st_dev, st.st_ino), f)
+    return by_path, by_inode
+
+
 def check_save_path(path: PathLike, sources: Iterable[PathLike] = (), overwrite: bool = False,
                     label: str = "save_merged") -> Path:
     """Refuse a path whose writing would lose data: not a ``.safetensors`` file (``x.json`` would
-    be overwritten by its own sidecar), an existing file or sidecar without ``overwrite``, or one
-    of the ``sources`` (the checkpoints the merge reads), even with ``overwrite``. ``label`` starts
-    the error (main.py passes ``--save-merged``)."""
+    be overwritten by its own sidecar), an existing file or sidecar without ``overwrite``, or a file
+    of one of the ``sources`` (the checkpoints the merge reads), even with ``overwrite``. Files are
+    compared resolved (symlinks, hub snapshot files pointing to blobs, hard links), and a folder-shaped
+    source counts with every file inside it. ``label`` starts the error (main.py passes ``--save-merged``)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{label} {path}: a folder; give a file path ending in .safetensors")
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{label} {path}: does not end in .safetensors (the weights are safetensors and "
                          f"the description goes to {sidecar_path(path).name}); give a .safetensors path")
+    by_path, by_inode = _input_files(sources)
     for target in (path, sidecar_path(path)):
-        if any(target.resolve() == Path(src).resolve() for src in sources):
-            raise ValueError(f"{label} {path}: {target} is an input checkpoint of this merge; give another path")
+        same = by_path.get(os.path.realpath(target))
+        if same is None:
+            try:
+                st = os.stat(target)
+                same = by_inode.get((st.st_dev, st.st_ino))
+            except OSError:
+                pass
+        if same is not None:
+            also = "" if os.path.abspath(target) == os.path.abspath(same) else f" (the same file as {same})"
+            raise ValueError(f"{label} {path}: {target} is an input checkpoint of this merge{also}; give another path")
         if target.is_dir():
             raise ValueError(f"{label} {path}: {target} is a folder; give another path")
         if target.exists() and not overwrite:

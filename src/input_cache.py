@@ -12,14 +12,24 @@ times, sample indices of a ``<Task>Val`` split, or hub repository, commit and fi
 description and the number of samples: another transform, split, data folder or dataset version never
 reads a stale entry. Entries are written to a temporary folder and renamed into place, so a concurrent or
 interrupted run never leaves a partial one.
+
+Nothing read is trusted: an entry's meta.json records the images' shape, the class count and the SHA-256 of
+each file (computed while writing), checked when the entry is first opened in a process (one streaming read,
+which also brings the file into the page cache); an entry that does not match is rebuilt, with a warning. A
+FIFO, device or folder in place of a cache file is refused before anything is opened (InputCacheError). Space
+is allocated before the first image is stored (os.posix_fallocate) and written with os.pwrite, not through a
+memory map: a full disk is a warning, and the split is evaluated without the cache, leaving nothing behind.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import math
 import os
 import shutil
+import stat
 import types
 import uuid
 import warnings
@@ -36,7 +46,7 @@ from torchvision.transforms import Compose, Lambda, Normalize, ToTensor
 
 from utils import is_val
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: meta.json records shape, class count and SHA-256 of each file
 MODES = ("auto", "all", "off")  # auto: the <Task>Val splits, which --scaling_coef/--alpha auto read 20-30 times
 
 
@@ -168,63 +178,231 @@ def cache_key(name: str, source: dict, transform: str, n: int) -> str:
 
 
 # ----------------------------------------------------------------------------- storage
-def _read(path: Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(memory-mapped images, labels) of a complete entry, or None."""
+FILES = ("images.npy", "labels.npy", "meta.json")
+MAX_META_BYTES = 10_000_000  # meta.json holds the key's description: a few KB
+_CHUNK = 1 << 22
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class InputCacheError(ValueError):
+    """Something in the cache folder that must not be read nor replaced (a FIFO, a device, a folder where a
+    file belongs): the message names it and what to do."""
+
+
+class _Stale(Exception):
+    """An entry whose contents do not match what was written: rebuilt."""
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "folder")):
+        if test(mode):
+            return what
+    return "special file"
+
+
+def _refuse_special(entry: Path) -> None:
+    """Refuse an entry that is not a folder of regular files, before anything in it is opened (opening a FIFO
+    blocks, a device reads forever). Missing files are fine: the entry is (re)built."""
+    def check(path: Path, want_dir: bool) -> bool:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            raise InputCacheError(f"input cache {path}: cannot be inspected ({err}); remove it, or run with "
+                                  "--input-cache off") from None
+        ok = stat.S_ISDIR(mode) if want_dir else stat.S_ISREG(mode)
+        if not ok and not (want_dir and stat.S_ISREG(mode)):  # a plain file in place of an entry: rebuilt
+            raise InputCacheError(f"input cache {path}: a {_kind(mode)}, not a regular "
+                                  f"{'folder' if want_dir else 'file'}; remove it (or run with --input-cache off)")
+        return ok
+
+    if check(entry, want_dir=True):
+        for name in FILES:
+            check(entry / name, want_dir=False)
+
+
+def _sha256(path: Path) -> str:
+    """Streaming SHA-256 of a file (about 1 GB/s: the memory map is then read from the page cache)."""
+    h, buf = hashlib.sha256(), bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _open_entry(path: Path, n: int, n_classes: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(memory-mapped images, labels) of a complete entry; None when there is none; ``_Stale`` (saying what does
+    not match) when its contents are not what was written: shape and dtype against its meta.json, labels in
+    [0, n_classes), and each file against the SHA-256 written with it."""
+    _refuse_special(path)
+    if not path.is_dir() or not all((path / name).is_file() for name in FILES):
+        return None if not path.exists() else _raise_stale("incomplete (files missing)")
+    if (path / "meta.json").stat().st_size > MAX_META_BYTES or (path / "labels.npy").stat().st_size > 8 * n + 4096:
+        _raise_stale("meta.json or labels.npy is larger than this entry's can be")
     try:
+        meta = json.loads((path / "meta.json").read_text())
+        shape, sums = tuple(meta["shape"]), meta["sha256"]
         images = np.load(path / "images.npy", mmap_mode="r")
         labels = np.load(path / "labels.npy")
-    except (OSError, ValueError):
-        return None
-    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != n or labels.shape != (n,):
-        return None
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+        _raise_stale(f"unreadable ({type(err).__name__}: {str(err)[:120]})")
+    if not isinstance(sums, dict) or meta.get("version") != CACHE_VERSION or meta.get("n") != n:
+        _raise_stale("meta.json does not describe this entry")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape != shape or shape[0] != n:
+        _raise_stale(f"images.npy holds {images.dtype} of shape {images.shape}, {n} uint8 images of "
+                     f"shape {shape[1:]} were written")
+    if labels.dtype != np.int64 or labels.shape != (n,):
+        _raise_stale(f"labels.npy holds {labels.dtype} of shape {labels.shape}, {n} int64 labels were written")
+    if n and (labels.min() < 0 or (n_classes is not None and labels.max() >= n_classes)):
+        _raise_stale(f"labels.npy holds labels {labels.min()}..{labels.max()}, outside 0..{(n_classes or 1) - 1}")
+    for name in ("images.npy", "labels.npy"):
+        if _sha256(path / name) != sums.get(name):
+            _raise_stale(f"{name} does not match the checksum written with it")
     return images, labels
 
 
-class _Writer:
-    """Fills one entry batch by batch in a temporary folder, then renames it into place."""
+def _raise_stale(why: str):
+    raise _Stale(why)
 
-    def __init__(self, path: Path, n: int, description: dict, on_done: Callable):
-        self.path, self.n, self.description, self.on_done = path, n, description, on_done
+
+def _npy_header(dtype: np.dtype, shape: tuple) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                               "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue()
+
+
+class _File:
+    """A file written with os.pwrite into space allocated up front (os.posix_fallocate), so that a full disk is an
+    OSError at allocation, never a SIGBUS from a memory map; hashed as it is written."""
+
+    def __init__(self, path: Path, size: int):
+        self.path, self.size, self.pos, self.hash = path, size, 0, hashlib.sha256()
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        if hasattr(os, "posix_fallocate") and size:
+            try:
+                os.posix_fallocate(self.fd, 0, size)
+            except OSError as err:
+                if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+                    self.close()
+                    raise  # ENOSPC, EDQUOT, EFBIG...; a file system without fallocate: plain writes
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = os.pwrite(self.fd, view, self.pos)
+            if n <= 0:
+                raise OSError(errno.EIO, f"short write to {self.path}")
+            self.hash.update(view[:n])
+            view, self.pos = view[n:], self.pos + n
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+
+class _Writer:
+    """Fills one entry batch by batch in a temporary folder, then renames it into place. A failure to write (a
+    full disk, a read-only folder) is said once and the split is evaluated without the cache; nothing is left
+    behind."""
+
+    def __init__(self, path: Path, n: int, n_classes: int | None, description: dict, on_done: Callable,
+                 replace: bool = False):
+        self.path, self.n, self.n_classes, self.description, self.on_done = path, n, n_classes, description, on_done
+        self.replace = replace  # the entry in place was found damaged: replace it
         self.tmp: Path | None = None
-        self.images = self.labels = None
+        self.images: _File | None = None
+        self.shape: tuple | None = None
+        self.labels = np.empty(n, dtype=np.int64)
         self.pos = 0
 
-    def add(self, images: torch.Tensor, labels) -> None:
-        if self.images is None:
-            self.tmp = self.path.parent / f".tmp-{self.path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            self.tmp.mkdir(parents=True)
-            self.images = np.lib.format.open_memmap(self.tmp / "images.npy", mode="w+", dtype=np.uint8,
-                                                    shape=(self.n, *images.shape[1:]))
-            self.labels = np.empty(self.n, dtype=np.int64)
-        if images.dtype != torch.uint8 or tuple(images.shape[1:]) != self.images.shape[1:]:
-            raise ValueError(f"{self.path.name}: images of shape {tuple(images.shape[1:])}, {images.dtype} after the "
-                             f"transform, expected {self.images.shape[1:]} uint8; run with --input-cache off")
-        k = len(images)
-        self.images[self.pos:self.pos + k] = images.numpy()
-        self.labels[self.pos:self.pos + k] = torch.as_tensor(labels).numpy()
-        self.pos += k
+    def add(self, images: torch.Tensor, labels) -> bool:
+        """Store one batch; False (after a warning, with everything removed) when it could not be stored."""
+        try:
+            if self.images is None:
+                self.shape = (self.n, *images.shape[1:])
+                self.tmp = self.path.parent / f".tmp-{self.path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                self.tmp.mkdir(parents=True)
+                header = _npy_header(np.uint8, self.shape)
+                self.images = _File(self.tmp / "images.npy", len(header) + math.prod(self.shape))
+                self.images.write(header)
+            if images.dtype != torch.uint8 or (self.n, *images.shape[1:]) != self.shape:
+                self.abort()
+                raise ValueError(f"{self.path.name}: images of shape {tuple(images.shape[1:])}, {images.dtype} after "
+                                 f"the transform, expected {self.shape[1:]} uint8; run with --input-cache off")
+            k = len(images)
+            if self.pos + k > self.n:
+                raise OSError(errno.EINVAL, f"more than the {self.n} images the split has")
+            self.images.write(images.contiguous().numpy())
+            self.labels[self.pos:self.pos + k] = torch.as_tensor(labels).numpy()
+            self.pos += k
+            return True
+        except OSError as err:
+            return self._give_up(err)
+
+    def _give_up(self, err: BaseException) -> bool:
+        warnings.warn(f"input cache not written ({err}); {self.path.name} evaluated without it"
+                      + (" (the disk is full)" if getattr(err, "errno", None) in _FULL_DISK else ""), stacklevel=3)
+        self.abort()
+        return False
 
     def finish(self) -> None:
+        """Write labels and meta.json, rename into place, hand the entry out. Never raises OSError."""
         if self.images is None or self.pos != self.n:
             return self.abort()
-        self.images.flush()
-        self.images = None  # closes the memory map
-        np.save(self.tmp / "labels.npy", self.labels)
-        (self.tmp / "meta.json").write_text(json.dumps(self.description, indent=1, default=str))
-        if self.path.exists() and _read(self.path, self.n) is None:
-            shutil.rmtree(self.path, ignore_errors=True)  # a damaged entry: replace it
+        labels = self.labels
+        if self.n and (labels.min() < 0 or (self.n_classes is not None and labels.max() >= self.n_classes)):
+            warnings.warn(f"input cache not written: {self.path.name} has labels {labels.min()}..{labels.max()} for "
+                          f"{self.n_classes} classes", stacklevel=2)
+            return self.abort()
         try:
-            os.rename(self.tmp, self.path)
-        except OSError:  # another run finished the same entry first: keep theirs
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        arrays = _read(self.path, self.n)
+            self.images.close()
+            data = _npy_header(np.int64, labels.shape) + labels.tobytes()
+            out = _File(self.tmp / "labels.npy", len(data))
+            try:
+                out.write(data)
+            finally:
+                out.close()
+            meta = {**self.description, "shape": list(self.shape), "n_classes": self.n_classes,
+                    "sha256": {"images.npy": self.images.hash.hexdigest(), "labels.npy": out.hash.hexdigest()}}
+            text = json.dumps(meta, indent=1, default=str).encode()
+            out = _File(self.tmp / "meta.json", len(text))
+            try:
+                out.write(text)
+            finally:
+                out.close()
+            if self.replace and os.path.lexists(self.path):  # found damaged when it was opened
+                _refuse_special(self.path)
+                if self.path.is_dir() and not self.path.is_symlink():
+                    shutil.rmtree(self.path, ignore_errors=True)
+                else:
+                    self.path.unlink()
+            try:
+                os.rename(self.tmp, self.path)
+            except OSError:  # another run finished the same entry first (a folder not empty): keep theirs
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+        except OSError as err:
+            self._give_up(err)
+            return
+        try:
+            arrays = _open_entry(self.path, self.n, self.n_classes)
+        except (_Stale, OSError):
+            arrays = None
         if arrays is not None:
             self.on_done(arrays)
 
     def abort(self) -> None:
-        self.images = None
+        if self.images is not None:
+            self.images.close()
+            self.images = None
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
 
 
 class DecodedBatches:
@@ -244,13 +422,8 @@ class DecodedBatches:
         writer, complete = self.writer, False
         try:
             for images, labels in loader:
-                if writer is not None:
-                    try:
-                        writer.add(images, labels)
-                    except OSError as err:  # e.g. a full disk: evaluate anyway, without storing
-                        warnings.warn(f"input cache not written ({err})", stacklevel=2)
-                        writer.abort()
-                        writer = None
+                if writer is not None and not writer.add(images, labels):
+                    writer = None  # e.g. a full disk: said once, evaluated anyway, nothing left behind
                 yield self.normalize(images.to(self.device, non_blocking=True)), labels
             complete = True
         finally:
@@ -300,6 +473,9 @@ class InputCache:
         if mode not in MODES:
             raise ValueError(f"--input-cache must be one of {', '.join(MODES)}, got {mode!r}")
         self.folder, self.mode = Path(folder), mode
+        if mode != "off" and os.path.exists(self.folder) and not os.path.isdir(self.folder):
+            raise InputCacheError(f"input cache folder {self.folder} is not a folder; remove it, or give another "
+                                  "--input-cache-dir (or run with --input-cache off)")
         self._open: dict[tuple, tuple[str, dict, np.ndarray, np.ndarray]] = {}
 
     def __repr__(self) -> str:
@@ -330,8 +506,14 @@ class InputCache:
         if source is None:
             return CacheSplit(name, DecodedBatches(dataset, plan.normalize, device, batch_size, num_workers), provenance)
         n = len(dataset)
+        n_classes = len(getattr(split, "classnames", None) or []) or None
         path = self.folder / f"{name}-{cache_key(name, source, plan.description, n)}"
-        arrays = _read(path, n)
+        stale = False
+        try:
+            arrays = _open_entry(path, n, n_classes)  # InputCacheError for a FIFO, device or folder in its place
+        except _Stale as why:
+            warnings.warn(f"input cache {path}: {why}; rebuilding it (decoding {name} again)", stacklevel=2)
+            arrays, stale = None, True
         if arrays is not None:
             self._open[memo] = (name, provenance, *arrays)
             return CacheSplit(name, CachedBatches(*arrays, plan.normalize, device, batch_size), provenance)
@@ -340,7 +522,7 @@ class InputCache:
             self._open[memo] = (name, provenance, *arrays)
 
         meta = {"version": CACHE_VERSION, "split": name, "n": n, "transform": plan.description, "source": source}
-        writer = _Writer(path, n, meta, done)
+        writer = _Writer(path, n, n_classes, meta, done, replace=stale)
         return CacheSplit(name, DecodedBatches(dataset, plan.normalize, device, batch_size, num_workers, writer),
                           provenance)
 

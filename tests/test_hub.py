@@ -143,11 +143,12 @@ def test_repo_ids_follow_fusionbench_names():
 def test_download_fetches_config_and_weights_only_safetensors_first(tmp_path, monkeypatch):
     """--download: what is asked of huggingface_hub (a stand-in records the calls; no network)."""
     calls, has_safetensors = [], {"tanganke/a": True, "tanganke/b": False}
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
 
     def snapshot_download(repo_id, *, repo_type=None, allow_patterns=None, local_files_only=False):
         calls.append((repo_id, repo_type, list(allow_patterns), local_files_only))
-        folder = tmp_path / repo_id.replace("/", "--")
-        folder.mkdir(exist_ok=True)
+        folder = tmp_path / f"{repo_type}s--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text("{}")
         if "model.safetensors" in allow_patterns and has_safetensors[repo_id]:
             (folder / "model.safetensors").write_bytes(b"")
@@ -156,14 +157,14 @@ def test_download_fetches_config_and_weights_only_safetensors_first(tmp_path, mo
         return str(folder)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    assert hub.fetch_model("tanganke/a", download=True).name == "tanganke--a"
+    assert hub.fetch_model("tanganke/a", download=True).parent.parent.name == "models--tanganke--a"
     assert calls == [("tanganke/a", "model", hub.SAFETENSORS, False)]
     calls.clear()
     hub.fetch_model("tanganke/b", download=True)  # an older repository without safetensors
     assert calls == [("tanganke/b", "model", hub.SAFETENSORS, False), ("tanganke/b", "model", hub.PYTORCH_BIN, False)]
     calls.clear()
     with pytest.raises(CheckpointError, match="tanganke/b.*lacks config.json or its weights.*--download"):
-        (tmp_path / "tanganke--b" / "pytorch_model.bin").unlink()
+        (tmp_path / "models--tanganke--b" / "snapshots" / ("0" * 40) / "pytorch_model.bin").unlink()
         hub.fetch_model("tanganke/b")  # offline: the cache only, no fallback fetch
     assert calls == [("tanganke/b", "model", hub.SAFETENSORS, True)]
     calls.clear()

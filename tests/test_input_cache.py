@@ -216,5 +216,129 @@ def test_a_damaged_entry_is_rebuilt(toy):
     images = next(folder.glob("Toy-*")) / "images.npy"
     images.write_bytes(images.read_bytes()[:200])  # truncated
     Counting.decoded = 0
+    with pytest.warns(UserWarning, match="input cache .*rebuilding it"):
+        assert run(ic.InputCache(folder, "all"), tasks=["Toy"]) == plain and Counting.decoded == 15
     assert run(ic.InputCache(folder, "all"), tasks=["Toy"]) == plain and Counting.decoded == 15
-    assert run(ic.InputCache(folder, "all"), tasks=["Toy"]) == plain and Counting.decoded == 15
+
+
+# ----------------------------------------------------------------------------- hardening: nothing read is trusted
+def _entry(folder, name="Toy"):
+    return next(folder.glob(f"{name}-*"))
+
+
+def _rewrite_images(path, transform):
+    """images.npy rewritten through ``transform(array) -> array`` (np.save: a consistent .npy file)."""
+    images = np.load(path)
+    np.save(path, transform(images))
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("inverted pixels", "checksum"),
+    ("zeroed labels", "checksum"),
+    ("labels out of range", "label"),
+    ("wrong image size in the header", "shape"),
+])
+def test_cached_entries_with_wrong_contents_are_rebuilt_and_said(toy, damage, said):
+    tmp, _, _ = toy
+    folder = tmp / "cache"
+    plain = run(None, tasks=["Toy"])
+    run(ic.InputCache(folder, "all"), tasks=["Toy"])
+    entry = _entry(folder)
+    if damage == "inverted pixels":
+        raw = bytearray((entry / "images.npy").read_bytes())
+        start = len(raw) - 15 * 3 * SIZE * SIZE
+        raw[start:] = bytes(255 - b for b in raw[start:])
+        (entry / "images.npy").write_bytes(bytes(raw))
+    elif damage == "zeroed labels":
+        np.save(entry / "labels.npy", np.zeros(15, np.int64))
+    elif damage == "labels out of range":
+        np.save(entry / "labels.npy", np.load(entry / "labels.npy") + 100)
+    else:  # same bytes, another shape in the .npy header
+        _rewrite_images(entry / "images.npy", lambda a: a.reshape(15, 3, SIZE // 2, SIZE * 2))
+    Counting.decoded = 0
+    with pytest.warns(UserWarning, match=rf"input cache .*{entry.name}.*{said}.*rebuil"):
+        assert run(ic.InputCache(folder, "all"), tasks=["Toy"]) == plain
+    assert Counting.decoded == 15  # decoded again, stored again
+    assert entries(folder) == [entry.name]
+    Counting.decoded = 0
+    assert run(ic.InputCache(folder, "all"), tasks=["Toy"]) == plain and Counting.decoded == 0
+
+
+def _no_space(*args, **kwargs):
+    import errno
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["allocation", "first write", "last write"])
+def test_a_full_disk_evaluates_without_the_cache_and_says_so(toy, monkeypatch, where):
+    """The allocation (posix_fallocate) or a write (os.pwrite) fails with ENOSPC: the split is still evaluated,
+    a warning says the cache was not written, and no entry nor temporary folder is left."""
+    tmp, _, _ = toy
+    folder = tmp / "cache"
+    plain = run(None, tasks=["Toy"])
+    if where == "allocation":
+        monkeypatch.setattr(ic.os, "posix_fallocate", _no_space, raising=False)
+    else:
+        calls, write = [], os.pwrite
+
+        def pwrite(fd, data, offset):
+            calls.append(len(data))
+            if where == "first write" or len(calls) > 5:  # 4 image batches, then labels/metadata
+                _no_space()
+            return write(fd, data, offset)
+
+        monkeypatch.setattr(ic.os, "pwrite", pwrite)
+    with pytest.warns(UserWarning, match=r"input cache not written.*No space left.*evaluated without it"):
+        assert run(ic.InputCache(folder, "all"), tasks=["Toy"]) == plain
+    assert entries(folder) == []  # nothing left behind: no entry, no .tmp- folder
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+@pytest.mark.parametrize("where", ["images.npy", "labels.npy", "meta.json", "entry"])
+def test_special_files_in_the_cache_are_refused_before_any_work(toy, kind, where):
+    import signal
+
+    tmp, _, _ = toy
+    folder = tmp / "cache"
+    run(ic.InputCache(folder, "all"), tasks=["Toy"])
+    entry = _entry(folder)
+    target = entry if where == "entry" else entry / where
+    if where == "entry":
+        import shutil
+        shutil.rmtree(entry)
+    else:
+        target.unlink()
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "device":
+        os.symlink("/dev/zero", target)
+    else:
+        target.mkdir()
+    if kind == "directory" and where == "entry":
+        return  # an empty entry folder is an ordinary damaged entry (rebuilt)
+
+    class Blocked(Exception):  # not an OSError, which a reader may catch and retry
+        pass
+
+    def hang(*_):
+        raise Blocked("blocked on a special file")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    Counting.decoded = 0
+    try:
+        with pytest.raises(ValueError, match=rf"input cache .*{where if where != 'entry' else entry.name}.* not a "
+                                             r"regular (file|folder).*remove it.*--input-cache off"):
+            run(ic.InputCache(folder, "all"), tasks=["Toy"])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert Counting.decoded == 0
+    assert os.path.lexists(target)  # left for the user to look at
+
+
+def test_a_cache_folder_that_is_a_file_is_refused_at_once(toy):
+    tmp, _, _ = toy
+    (tmp / "cache").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"input cache folder .*cache.* is not a folder.*--input-cache-dir"):
+        ic.InputCache(tmp / "cache", "all")
