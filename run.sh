@@ -7,7 +7,8 @@
 #   bash run.sh demo --force    # rerun even when results.jsonl already holds a run
 #
 # Any other argument is passed to main.py. A run whose configuration is already in
-# logs/<model>/results.jsonl is skipped unless --force; a failed run does not stop the sweep.
+# logs/<model>/results.jsonl is skipped (without starting main.py) unless --force; a failed run does
+# not stop the sweep.
 # The list of runs comes from src/sweep.py, which also sends the same sweep to Slurm.
 set -u
 cd "$(dirname "$0")"
@@ -30,6 +31,7 @@ mapfile -t RUNS <<< "$runs"
 
 failed=()
 for line in "${RUNS[@]}"; do  # run each, remember failures, keep going
+  [[ -n $line ]] || continue  # every run already done: the list is empty
   label=${line%%$'\t'*}
   eval "argv=(${line#*$'\t'})"
   echo "=== $MODEL $label"

@@ -18,6 +18,7 @@ import clip
 import merge_func
 import utils
 from clip.hub import hub_checkpoints
+import src.demo.model  # noqa: F401 - registers the demo architectures that plan checks checkpoints against
 from src import published, tuning
 from src.args import REFERENCE_ROWS, default_tasks, split_folders
 from src.datasets import conventions

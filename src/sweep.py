@@ -31,7 +31,6 @@ from pathlib import Path
 
 import merge_func
 import utils
-from src import args as main_args  # main.py's flags
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "main.py"
@@ -208,6 +207,8 @@ def in_flight(folder: Path, keys: set[str]) -> dict[str, str]:
 
 def logs_dir(model: str, extra: list[str]) -> Path:
     """<logs>/<model> as main.py will see it (--logs DIR, --logs=DIR, abbreviations)."""
+    from src import args as main_args  # main.py's flags (they import clip and open_clip: only where needed)
+
     return Path(main_args.build_parser().parse_known_args(["--model", model, *extra])[0].logs) / model
 
 
@@ -216,6 +217,7 @@ def pending(runs: list[Run], force: bool) -> tuple[list[Run], list[Run]]:
     src.runs.plan without loading weights; a bad flag or missing checkpoints stops here, before
     anything is submitted. Runs that resolve to the same request are submitted once."""
     import clip
+    from src import args as main_args
     from src.runs import plan
 
     todo, done, seen = [], [], set()
@@ -242,9 +244,30 @@ def pending(runs: list[Run], force: bool) -> tuple[list[Run], list[Run]]:
     return todo, done
 
 
+def unfinished(runs: list[Run]) -> list[Run]:
+    """The runs whose request results.jsonl does not hold yet (planned as --skip-existing would), said on stderr.
+    A run that cannot be planned here (no checkpoints yet, a bad flag) is kept: main.py then builds or says why."""
+    from src import args as main_args
+    from src.runs import plan
+
+    kept = []
+    for run in runs:
+        try:
+            planned = plan(main_args.build_parser().parse_args(list(run.argv)))
+        except (Exception, SystemExit):  # noqa: BLE001 - main.py reports it when the run starts
+            kept.append(run)
+            continue
+        if planned.done:
+            print(f"skipping: {planned.results} already has run {run.label}", file=sys.stderr, flush=True)
+        else:
+            kept.append(run)
+    return kept
+
+
 def ensure_demo_zoo(model: str, extra: list[str]) -> None:
     """Demo models: build the checkpoint zoo once here, not in every concurrent job."""
     if model.startswith("demo"):
+        from src import args as main_args
         from src.demo.zoo import ensure_zoo
 
         base_dir = main_args.build_parser().parse_known_args(["--model", model, *extra])[0].base_dir
@@ -307,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = [*(["--tasks", args.tasks] if args.tasks else []), *(["--logs", args.logs] if args.logs else []), *extra]
     runs = sweep_runs(args.model, args.methods, args.tuned, args.force, extra)
     if args.print_runs:
+        if not args.force:  # a run already in results.jsonl is not started only to skip itself
+            runs = unfinished(runs)
         for run in runs:
             print(f"{run.label}\t{shlex.join(run.argv)}")
         return 0

@@ -315,6 +315,7 @@ def test_auto_coefficient_reads_cached_validation_inputs_with_identical_results(
     assert cached["request"]["source"] == "hf"
 
 
+@pytest.mark.process
 def test_main_runs_end_to_end_from_the_hub_cache_offline(fake_hub, tmp_path):
     """The real command line in a fresh process, with the hub and datasets libraries in offline mode."""
     env = {**os.environ, "HF_HOME": str(fake_hub), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

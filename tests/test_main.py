@@ -1,6 +1,7 @@
 """main.py and run.sh end to end on the demo-micro zoo (plumbing, not accuracy)."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -111,6 +112,7 @@ def test_append_jsonl_never_leaves_a_half_line(tmp_path):
     assert not list(tmp_path.glob(".results.jsonl.*"))  # no temporary file left behind
 
 
+@pytest.mark.process
 def test_run_sh_sweeps_then_skips_what_is_done(workdir):
     env = {**os.environ, "METHODS": "TA", "PYTHON": sys.executable}
     args = ["bash", os.path.join(ROOT, "run.sh"), "demo-micro", "--base_dir", str(workdir),
@@ -121,7 +123,12 @@ def test_run_sh_sweeps_then_skips_what_is_done(workdir):
     assert [(r["merge"], r["svc"]) for r in lines] == [("zeroshot", False), ("finetuned", False),
                                                        ("TA", False), ("TA", True)]
     second = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT)
-    assert second.returncode == 0 and second.stdout.count("skipping") == 4
+    assert second.returncode == 0 and second.stderr.count("skipping") == 4  # said once each, no main.py started
+    assert "=== demo-micro" not in second.stdout
     assert len(utils.read_jsonl(workdir / "logs-sweep" / "demo-micro" / "results.jsonl")) == 4
-    failing = subprocess.run(args + ["--merge_typo"], env=env, capture_output=True, text=True, cwd=ROOT)
+    stub = workdir / "failing-python"  # every main.py run fails (src.sweep and src.results are real)
+    stub.write_text(f'#!/bin/sh\n[ "$1" = main.py ] && exit 1\nexec {shlex.quote(sys.executable)} "$@"\n')
+    stub.chmod(0o755)
+    failing = subprocess.run(args + ["--force"], env={**env, "PYTHON": str(stub)}, capture_output=True, text=True,
+                             cwd=ROOT)
     assert failing.returncode == 1 and "FAILED (4)" in failing.stderr  # keeps going, reports all failures
