@@ -117,7 +117,7 @@ def test_missing_optional_packages_say_what_to_install(offline, monkeypatch, tmp
     with pytest.raises(SystemExit, match=r"--data-source hf needs the optional package 'datasets': "
                                          r"pip install -e \"\.\[hf\]\""):
         main.main(args + ["--source", "hf", "--data-source", "hf"])
-    assert "building zero-shot heads" not in capsys.readouterr().out  # said before any work
+    assert "zero-shot heads" not in capsys.readouterr().out  # said before any work
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     monkeypatch.setitem(sys.modules, "huggingface_hub.constants", None)
     with pytest.raises(SystemExit, match=r"needs the optional package 'huggingface_hub.*pip install -e \"\.\[hf\]\""):
@@ -291,15 +291,19 @@ def test_auto_coefficient_reads_cached_validation_inputs_with_identical_results(
 
     monkeypatch.setattr(src.demo.model, "get_demo_preprocess", open_clip_style_preprocess)
     # heads = mean zero-shot feature per class on the train split, so accuracies are neither 0 nor 100
+    from src.heads import cache_key
+
     found = hub.hub_checkpoints("demo-micro", TASKS, tmp_path)
     encoder = build_image_encoder("demo-micro", found.load_zeroshot()).eval()
+    text_model = hub.text_model_from_hf("demo-micro", found.zeroshot)  # heads are cached with its key
     for task in TASKS:
         x, y = next(iter(get_dataset(task, encoder.val_preprocess, "unused", split="train", batch_size=1000,
                                      num_workers=0, source="hf").loader))
         with torch.no_grad():
             f = torch.nn.functional.normalize(encoder(x), dim=-1)
         weights = torch.stack([f[y == c].mean(0) if (y == c).any() else f.mean(0) for c in range(10)])
-        save_head(ClassificationHead(normalize=True, weights=100 * weights), found.heads[task])
+        save_head(ClassificationHead(normalize=True, weights=100 * weights), found.heads[task],
+                  cache_key(text_model, task, "unused", "fusionbench", "hf"))
     common = ["--model", "demo-micro", "--tasks", "MNIST,EuroSAT", "--source", "hf", "--data-source", "hf",
               "--base_dir", str(tmp_path), "--threads", "1", "--no-progress", "--num-workers", "0",
               "--merge", "TA", "--scaling_coef", "auto"]

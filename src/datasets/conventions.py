@@ -73,10 +73,11 @@ def resolve(requested: str | None, layout: str) -> str:
     return convention_for_layout(layout) if requested in (None, "auto") else check_convention(requested)
 
 
-def released_heads_convention(layout: str) -> str:
-    """Convention of the head files a layout's folder holds: ``head_<Task>Val.pt`` come with the TSV release,
-    ``head_<Task>.pt`` with the task_vectors one (FusionBench ships no heads)."""
-    return "tsv" if layout == "tsv" else "task_vectors"
+def released_heads_convention(layout: str) -> str | None:
+    """Convention of the released head files a layout's folder holds: ``head_<Task>Val.pt`` come with the TSV
+    release, ``head_<Task>.pt`` with the task_vectors one; None for the hf layout: FusionBench ships no heads, so
+    every head in its folder was built here and is trusted only with its key (src.heads)."""
+    return None if layout == "hf" else "tsv" if layout == "tsv" else "task_vectors"
 
 
 def override(task: str, convention: str | None) -> Override | None:
