@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 import utils
 from clip.factory import load_into
+from src.datasets import conventions
 from src.datasets.registry import get_dataset
 from utils import task_of
 
@@ -98,6 +99,8 @@ def evaluate_tasks(image_encoder: torch.nn.Module, tasks: list[str], heads: Mapp
     stores are decoded once (same accuracy, bit for bit)."""
     make_deterministic(seed)
     device = pick_device(device) if not isinstance(device, torch.device) else device
+    # the convention's preprocessing (FusionBench's centre crop) before the input cache keys on it
+    preprocess = conventions.preprocess_for(preprocess, convention)
     for task in tasks:  # before any data is read (and again below, under each split's registered name)
         given = heads.get(task, heads.get(task_of(task)))
         if given is not None:

@@ -1,15 +1,19 @@
 """Nothing cached is trusted without its key, nothing read is trusted without a check: zero-shot heads keyed by
-the text tower and prompts that built them, and finite heads."""
+the text tower and prompts that built them, finite heads, and FusionBench's centre crop under its convention.
+(Hub data checks: tests/test_hub.py.)"""
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import open_clip
 import pytest
 import torch
 from PIL import Image
 
 import src.heads
+from src.datasets import conventions
 from src.datasets import templates as T
+from src.datasets.registry import get_dataset
 from src.heads import build_zeroshot_head, get_classification_head, load_head, load_heads, save_head
 from src.modeling import ClassificationHead
 from tests.test_heads import reference_weights, tiny_clip
@@ -135,3 +139,76 @@ def test_heads_with_nan_values_are_refused_when_read_saved_or_evaluated(tmp_path
     with pytest.raises(ValueError, match=r"^MNIST: the classification head's bias hold NaN/inf values, so nothing "
                                          "was evaluated"):  # before any data is read: there are none here
         evaluate_tasks(encoder, ["MNIST"], {"MNIST": bad}, None, str(tmp_path / "no-data"), device="cpu")
+
+
+# ----------------------------------------------------------------------------- 4. FusionBench's centre crop
+def photo(width=640, height=427):
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_fusionbench_convention_crops_as_clip_image_processor():
+    """transformers' image_transforms.center_crop (FusionBench's CLIPImageProcessor) takes the offset
+    (L - 224) // 2; torchvision's CenterCrop int(round((L - 224) / 2)). A 640 x 427 image resizes to 335 x 224:
+    offset 55 (floor) against 56 (torchvision)."""
+    from torchvision.transforms import Normalize, Resize, ToTensor
+
+    from clip.factory import get_preprocess
+
+    _, val = get_preprocess("ViT-B-32")
+    fusionbench = conventions.preprocess_for(val, "fusionbench")
+    assert conventions.preprocess_for(val, "task_vectors") is val and conventions.preprocess_for(val, "tsv") is val
+    resized = Resize(224, interpolation=Image.BICUBIC)(photo())
+    assert resized.size == (335, 224)
+    norm = Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    floor, rounded = (norm(ToTensor()(resized.crop((left, 0, left + 224, 224)))) for left in (55, 56))
+    assert torch.equal(fusionbench(photo()), floor)
+    assert torch.equal(val(photo()), rounded) and not torch.equal(fusionbench(photo()), val(photo()))
+    lengths = range(224, 700)
+    assert sum((n - 224) // 2 != int(round((n - 224) / 2.0)) for n in lengths) == 119 and len(lengths) == 476
+    small = conventions.FloorCenterCrop(224)(Image.new("RGB", (220, 221), (255, 255, 255)))
+    assert small.size == (224, 224) and np.asarray(small)[:2].max() == 0  # padded as transformers pads
+
+
+def test_fusionbench_crop_matches_transformers_clip_image_processor():
+    transformers = pytest.importorskip("transformers")
+    from clip.factory import get_preprocess
+
+    try:  # transformers 5: the PIL backend; 4.x: the (slow) CLIPImageProcessor, both numpy's floor crop
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Processor
+    except ImportError:
+        Processor = transformers.CLIPImageProcessor
+    reference = Processor()(images=photo(), return_tensors="pt")["pixel_values"][0]
+    ours = conventions.preprocess_for(get_preprocess("ViT-B-32")[1], "fusionbench")(photo())
+    assert (reference - ours).abs().max() < 1e-5
+    assert (reference - get_preprocess("ViT-B-32")[1](photo())).abs().max() > 0.1  # torchvision's crop is not
+
+
+def test_the_crop_is_applied_in_evaluation_and_recorded_in_the_provenance(tmp_path, monkeypatch):
+    from clip.factory import get_preprocess
+    from src.eval import describe_tasks, evaluate_tasks
+    from src.input_cache import split_transform
+
+    for name in ("banded", "zigzagged"):
+        for split in ("train", "val"):
+            os.makedirs(tmp_path / "dtd" / split / name)
+            photo().save(tmp_path / "dtd" / split / name / "0.png")  # 640 x 427
+    val = get_preprocess("ViT-B-32")[1]
+    fb = get_dataset("DTD", val, str(tmp_path), num_workers=0, convention="fusionbench")
+    tv = get_dataset("DTD", val, str(tmp_path), num_workers=0, convention="task_vectors")
+    assert fb.provenance["crop"] == "floor" and "crop" not in tv.provenance  # task_vectors/tsv: as before
+    assert torch.equal(fb.dataset[0][0], conventions.preprocess_for(val, "fusionbench")(photo()))
+    assert not torch.equal(fb.dataset[0][0], tv.dataset[0][0])  # crop offsets 55 and 56
+    assert describe_tasks(["DTD"], str(tmp_path), convention="fusionbench")["DTD"] == fb.provenance
+    assert "FloorCenterCrop" in split_transform(conventions.preprocess_for(val, "fusionbench")).description
+    seen = []
+
+    def spy(task, preprocess, *args, **kwargs):
+        seen.append(preprocess)
+        raise StopIteration
+
+    monkeypatch.setattr("src.eval.get_dataset", spy)
+    for convention in ("fusionbench", "task_vectors"):
+        with pytest.raises(StopIteration):
+            evaluate_tasks(torch.nn.Identity(), ["DTD"], {}, val, str(tmp_path), device="cpu", convention=convention)
+    assert "FloorCenterCrop" in repr(seen[0]) and seen[1] is val
