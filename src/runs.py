@@ -23,7 +23,7 @@ from clip.hub import hub_checkpoints
 from src import published, tuning
 from src.args import REFERENCE_ROWS, default_tasks, split_folders
 from src.datasets import conventions
-from src.datasets.folder_sets import canonical_split_folders
+from src.datasets.folder_sets import canonical_split_folders, check_split_folders
 from src.datasets.hf_sets import check_hub_data, ensure_hub_splits
 from src.datasets.registry import check_requirements, resolve_tasks
 from src.eval import check_finite
@@ -90,6 +90,9 @@ def plan(args) -> Plan:
     results = Path(args.logs) / args.model / "results.jsonl"
     tuned = merge not in REFERENCE_ROWS and "auto" in (args.scaling_coef, args.alpha)  # reads the <Task>Val splits
     read = datasets + ([f"{t}Val" for t in tasks] if tuned else [])  # every split the run evaluates
+    if args.data_source == "local":  # an ambiguous split folder stops the run before heads are built (needs weights)
+        check_split_folders(read, args.data_location or os.path.join(args.base_dir, "data"),
+                            split_folders(args.split_folder))
     if args.source == "hf":  # FusionBench's checkpoints from the Hugging Face hub cache (clip/hub.py): layout hf
         if args.checkpoint_layout not in (None, "hf"):
             raise ValueError(f"--source hf gives the 'hf' checkpoint layout, not {args.checkpoint_layout!r}")

@@ -1,6 +1,6 @@
 """Nothing cached is trusted without its key, nothing read is trusted without a check: zero-shot heads keyed by
-the text tower and prompts that built them, finite heads, and FusionBench's centre crop under its convention.
-(Hub data checks: tests/test_hub.py.)"""
+the text tower and prompts that built them, finite heads, FusionBench's centre crop under its convention, and
+ambiguous split folders refused before any work. (Hub data checks: tests/test_hub.py.)"""
 import os
 from types import SimpleNamespace
 
@@ -10,12 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
+import main
 import src.heads
+from src import runs
+from src.args import build_parser
 from src.datasets import conventions
 from src.datasets import templates as T
 from src.datasets.registry import get_dataset
 from src.heads import build_zeroshot_head, get_classification_head, load_head, load_heads, save_head
 from src.modeling import ClassificationHead
+from tests.conftest import MAIN_FLAGS
 from tests.test_heads import reference_weights, tiny_clip
 
 
@@ -212,3 +216,46 @@ def test_the_crop_is_applied_in_evaluation_and_recorded_in_the_provenance(tmp_pa
         with pytest.raises(StopIteration):
             evaluate_tasks(torch.nn.Identity(), ["DTD"], {}, val, str(tmp_path), device="cpu", convention=convention)
     assert "FloorCenterCrop" in repr(seen[0]) and seen[1] is val
+
+
+# ----------------------------------------------------------------------------- 5. ambiguous split folders
+def ambiguous_dtd(root):
+    for split in ("train", "val", "test"):
+        for name in ("banded", "zigzagged"):
+            os.makedirs(root / "dtd" / split / name)
+            Image.new("RGB", (8, 8), (len(split), 0, 0)).save(root / "dtd" / split / name / f"{split}.png")
+    return root
+
+
+def test_plan_refuses_ambiguous_split_folders_before_anything_is_loaded(tmp_path):
+    data = ambiguous_dtd(tmp_path / "data")
+    args = build_parser().parse_args(["--model", "ViT-B-32", "--tasks", "MNIST", "--eval-datasets", "DTD",
+                                      "--base_dir", str(tmp_path), "--data-location", str(data)])
+    with pytest.raises(ValueError, match=r"^DTD: both .*dtd/val \(the test split of task_vectors\) and .*dtd/test "
+                                         r"\(the test split of the official SVC code\) exist and hold different files"
+                                         r".*pick one with --split-folder DTD=val or --split-folder DTD=test$"):
+        runs.plan(args)  # before the checkpoints are even looked for (there are none here)
+    for folder in ("val", "valid"):
+        os.makedirs(data / "EuroSAT_splits" / folder / "Forest")
+        Image.new("RGB", (8, 8)).save(data / "EuroSAT_splits" / folder / "Forest" / f"{folder}.png")
+    tuned = build_parser().parse_args(["--model", "ViT-B-32", "--tasks", "EuroSAT", "--merge", "TA",
+                                       "--scaling_coef", "auto", "--split-folder", "DTD=test",
+                                       "--base_dir", str(tmp_path), "--data-location", str(data)])
+    with pytest.raises(ValueError, match=r"^EuroSAT: both .*EuroSAT_splits/val .* pick one with --split-folder "
+                                         r"EuroSAT=val or --split-folder EuroSAT=valid$"):
+        runs.plan(tuned)  # EuroSATVal reads the val folder
+
+
+def test_ambiguous_split_folders_stop_main_before_heads_are_built(workdir, monkeypatch):
+    """The missing DTD head was built first (which needs the OpenAI weights), and only then was the run refused."""
+    data = ambiguous_dtd(workdir / "dtd-data")
+    loaded = []
+    monkeypatch.setattr(src.heads, "create_model", lambda *a, **k: loaded.append(a) or pytest.fail("weights loaded"))
+    common = ["--model", "demo-micro", "--base_dir", str(workdir), "--logs", str(workdir / "logs"), *MAIN_FLAGS,
+              "--merge", "zeroshot", "--eval-datasets", "DTD", "--data-location", str(data)]
+    with pytest.raises(SystemExit, match="error: DTD: both .* pick one with --split-folder DTD=val or"):
+        main.main(common)
+    assert loaded == []
+    picked = runs.plan(build_parser().parse_args(common[:-4] + ["--eval-datasets", "DTD", "--data-location",
+                                                                str(data), "--split-folder", "DTD=test"]))
+    assert picked.datasets == ["DTD"]  # a pick settles it, as in the builders
