@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 import utils
 from clip.factory import load_into
+from src.datasets import conventions
 from src.datasets.registry import get_dataset
 from utils import task_of
 
@@ -73,6 +74,15 @@ def evaluate(image_encoder: torch.nn.Module, head: torch.nn.Module, loader, devi
     return 100.0 * correct / total
 
 
+def check_head_finite(head: torch.nn.Module, name: str) -> None:
+    """No head with NaN/inf weights is evaluated: its logits are NaN, argmax picks class 0, and chance accuracy
+    would be logged (and normalised, and cached) as a result."""
+    bad = [key for key, t in head.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{name}: the classification head's {' and '.join(bad)} hold NaN/inf values, so nothing "
+                         "was evaluated; rebuild the head (delete its cached file) from a finite text tower")
+
+
 def evaluate_tasks(image_encoder: torch.nn.Module, tasks: list[str], heads: Mapping[str, torch.nn.Module],
                    preprocess, data_location: str, device: str | torch.device | None = None,
                    batch_size: int = 128, num_workers: int = 2, progress: bool | None = None,
@@ -89,6 +99,12 @@ def evaluate_tasks(image_encoder: torch.nn.Module, tasks: list[str], heads: Mapp
     stores are decoded once (same accuracy, bit for bit)."""
     make_deterministic(seed)
     device = pick_device(device) if not isinstance(device, torch.device) else device
+    # the convention's preprocessing (FusionBench's centre crop) before the input cache keys on it
+    preprocess = conventions.preprocess_for(preprocess, convention)
+    for task in tasks:  # before any data is read (and again below, under each split's registered name)
+        given = heads.get(task, heads.get(task_of(task)))
+        if given is not None:
+            check_head_finite(given, task)
     results = {}
     for task in tasks:
         plan = input_cache.plan(preprocess) if input_cache is not None else None
@@ -102,6 +118,7 @@ def evaluate_tasks(image_encoder: torch.nn.Module, tasks: list[str], heads: Mapp
         head = heads.get(split.name, heads.get(task_of(split.name)))
         if head is None:
             raise KeyError(f"no classification head for {split.name}; heads given for: {', '.join(heads)}")
+        check_head_finite(head, split.name)
         results[split.name] = evaluate(image_encoder, head, split.loader, device, progress, split.name, amp)
         if provenance is not None:
             provenance[split.name] = split.provenance

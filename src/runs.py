@@ -22,8 +22,8 @@ import src.demo.model  # noqa: F401 - registers the demo architectures that plan
 from src import published, tuning
 from src.args import REFERENCE_ROWS, default_tasks, split_folders
 from src.datasets import conventions
-from src.datasets.folder_sets import canonical_split_folders
-from src.datasets.hf_sets import ensure_hub_splits
+from src.datasets.folder_sets import canonical_split_folders, check_split_folders
+from src.datasets.hf_sets import check_hub_data, ensure_hub_splits
 from src.datasets.registry import check_requirements, resolve_tasks
 from src.eval import check_finite
 
@@ -86,6 +86,11 @@ def plan(args) -> Plan:
     if args.source != "local" or args.data_source != "local":
         request.update(source=args.source, data_source=args.data_source)
     results = Path(args.logs) / args.model / "results.jsonl"
+    tuned = merge not in REFERENCE_ROWS and "auto" in (args.scaling_coef, args.alpha)  # reads the <Task>Val splits
+    read = datasets + ([f"{t}Val" for t in tasks] if tuned else [])  # every split the run evaluates
+    if args.data_source == "local":  # an ambiguous split folder stops the run before heads are built (needs weights)
+        check_split_folders(read, args.data_location or os.path.join(args.base_dir, "data"),
+                            split_folders(args.split_folder))
     if args.source == "hf":  # FusionBench's checkpoints from the Hugging Face hub cache (clip/hub.py): layout hf
         if args.checkpoint_layout not in (None, "hf"):
             raise ValueError(f"--source hf gives the 'hf' checkpoint layout, not {args.checkpoint_layout!r}")
@@ -93,11 +98,12 @@ def plan(args) -> Plan:
     else:
         ckpts = clip.find_checkpoints(args.model, args.base_dir, tasks, layout=args.checkpoint_layout)
     if args.data_source == "hf":  # every hub split this run reads is cached (or fetched) before any work
-        tuned = merge not in REFERENCE_ROWS and "auto" in (args.scaling_coef, args.alpha)
-        ensure_hub_splits(datasets + ([f"{t}Val" for t in tasks] if tuned else []), download=args.download)
+        ensure_hub_splits(read, download=args.download)
     convention = conventions.resolve(args.convention, ckpts.layout)
     conventions.check_layout(ckpts.layout, convention, tasks)  # EMNIST: the fine-tune's own data
     check_requirements(datasets)
+    if args.data_source == "hf":  # images, labels and class names of every hub split checked before any work
+        check_hub_data(read, convention)  # fetched just above when --download
     ckpts.check(args.model)
     # the same request on other checkpoints (a rebuilt zoo, new downloads) is not done yet
     checkpoints = fingerprint(ckpts)

@@ -75,8 +75,12 @@ def test_get_head_builds_caches_and_loads(model, tmp_path):
                                     tokenizer=open_clip.tokenize)  # no data: registered class names
     assert head_path(ckpt, "MNIST").is_file() and built.weight.shape == (10, 16)
     torch.testing.assert_close(built.weight, reference_weights(model, T.DIGITS, T.TEMPLATES["MNIST"]))
-    loaded = get_classification_head("ViT-B-32", "MNIST", ckpt, str(tmp_path / "data"))  # from the cache
+    stamp = head_path(ckpt, "MNIST").stat().st_mtime_ns
+    loaded = get_classification_head("ViT-B-32", "MNIST", ckpt, str(tmp_path / "data"), clip_model=model)  # cached
     assert torch.equal(loaded.weight, built.weight) and loaded.normalize
+    assert head_path(ckpt, "MNIST").stat().st_mtime_ns == stamp  # read, not rebuilt: its key matches
+    with pytest.raises(ValueError, match="head_MNIST.pt: which text tower built this cached head cannot be checked"):
+        get_classification_head("ViT-B-32", "MNIST", ckpt, str(tmp_path / "data"))  # no text tower: no trust
 
 
 def test_get_head_uses_class_names_from_data(model, tmp_path):
@@ -102,28 +106,33 @@ def test_heads_are_cached_per_convention(model, tmp_path):
     assert letters.weight.shape == (26, 16) and digits.weight.shape == (10, 16)  # no head read for the other
     assert (ckpt / "head_EMNIST_fusionbench.pt").is_file() and (ckpt / "head_EMNIST.pt").is_file()
     torch.testing.assert_close(letters.weight, reference_weights(model, T.FB_EMNIST_LETTERS, T.FB_EMNIST_TEMPLATES))
-    again = get_classification_head("ViT-B-32", "EMNIST", ckpt, data, convention="fusionbench")  # from the cache
+    again = get_classification_head("ViT-B-32", "EMNIST", ckpt, data, convention="fusionbench", **kwargs)  # cached
     assert torch.equal(again.weight, letters.weight)
     stl = get_classification_head("ViT-B-32", "STL10", ckpt, data, convention="tsv", **kwargs)
     torch.testing.assert_close(stl.weight, reference_weights(model, T.STL10, T.CIFAR_TEMPLATES))
 
 
-def test_released_heads_are_read_only_under_their_convention(model, tmp_path):
+def test_released_heads_are_read_only_under_their_convention(model, tmp_path, monkeypatch):
     """A TSV release's head_STL10Val.pt (CIFAR templates) is not the task_vectors STL10 head, and an old
-    head_EMNIST.pt (digits) is never the fusionbench letters head."""
-    from src.heads import load_heads
+    head_EMNIST.pt (digits) is never the fusionbench letters head. Heads cached here are read with their key."""
+    import src.heads
+    from src.heads import cache_key, load_heads
 
-    def save(name, rows):
+    monkeypatch.setattr(src.heads, "create_model", lambda name, pretrained=None: model)  # the text tower, offline
+    monkeypatch.setattr(src.heads, "text_model_from_hf", lambda name, folder: model)
+    data = str(tmp_path / "data")
+
+    def save(name, rows, task=None, convention=None):
         head = build_zeroshot_head(model, open_clip.tokenize, [f"c{i}" for i in range(rows)], [lambda c: c])
-        save_head(head, tmp_path / name)
+        save_head(head, tmp_path / name, cache_key(model, task, data, convention) if task else None)
 
     save("head_STL10Val.pt", 3)  # the TSV release
-    save("head_STL10.pt", 4)  # built earlier under task_vectors
-    save("head_EMNIST.pt", 10)
-    save("head_EMNIST_fusionbench.pt", 26)
+    save("head_STL10.pt", 4, "STL10", "task_vectors")  # built earlier under task_vectors
+    save("head_EMNIST.pt", 10, "EMNIST", "tsv")
+    save("head_EMNIST_fusionbench.pt", 26, "EMNIST", "fusionbench")
     tsv = SimpleNamespace(layout="tsv", root=tmp_path, heads={"STL10": tmp_path / "head_STL10Val.pt"})
-    assert load_heads(None, tsv, ["STL10Val"], "tsv", None)["STL10"].weight.shape[0] == 3
-    assert load_heads(None, tsv, ["STL10"], "task_vectors", None)["STL10"].weight.shape[0] == 4
-    hf = SimpleNamespace(layout="hf", root=tmp_path, heads={"EMNIST": tmp_path / "head_EMNIST.pt"})
-    assert load_heads(None, hf, ["EMNIST"], "fusionbench", None)["EMNIST"].weight.shape[0] == 26
-    assert load_heads(None, hf, ["EMNIST"], "tsv", None)["EMNIST"].weight.shape[0] == 10
+    assert load_heads("ViT-B-32", tsv, ["STL10Val"], "tsv", data)["STL10"].weight.shape[0] == 3
+    assert load_heads("ViT-B-32", tsv, ["STL10"], "task_vectors", data)["STL10"].weight.shape[0] == 4
+    hf = SimpleNamespace(layout="hf", root=tmp_path, zeroshot=tmp_path, heads={"EMNIST": tmp_path / "head_EMNIST.pt"})
+    assert load_heads("ViT-B-32", hf, ["EMNIST"], "fusionbench", data)["EMNIST"].weight.shape[0] == 26
+    assert load_heads("ViT-B-32", hf, ["EMNIST"], "tsv", data)["EMNIST"].weight.shape[0] == 10

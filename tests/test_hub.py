@@ -27,6 +27,9 @@ from clip import hub  # noqa: E402
 from src.datasets import hf_sets  # noqa: E402
 
 TASKS = ["MNIST", "EuroSAT"]
+# the fake EuroSAT copy names its classes with EuroSAT's folder names (matched to ours by name)
+EUROSAT_HUB_NAMES = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
+                     "PermanentCrop", "Residential", "River", "SeaLake"]
 
 
 def demo_micro_clip_config(text_act: str = "quick_gelu"):
@@ -53,8 +56,9 @@ def snapshot_dir(cache: Path, kind: str, repo_id: str) -> Path:
     return folder
 
 
-def write_split(path: Path, n: int, n_classes: int, seed: int, gray: bool) -> None:
-    """A parquet file in the hub's image format: {"image": {"bytes", "path"}, "label": ClassLabel}."""
+def write_split(path: Path, n: int, n_classes: int, seed: int, gray: bool, names: list[str] | None = None) -> None:
+    """A parquet file in the hub's image format: {"image": {"bytes", "path"}, "label": ClassLabel} (named
+    ``names``, else the placeholder names '0', '1', ... of a ClassLabel made from a class count)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -63,8 +67,8 @@ def write_split(path: Path, n: int, n_classes: int, seed: int, gray: bool) -> No
     for y in labels:  # class-dependent brightness, so accuracies are not all equal
         a = np.clip(rng.normal(20 * y + 40, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
         images.append(Image.fromarray(a[:, :, 0] if gray else a))
-    feats = datasets.Features({"image": datasets.Image(),
-                               "label": datasets.ClassLabel(names=[f"c{i}" for i in range(n_classes)])})
+    label = datasets.ClassLabel(names=names) if names else datasets.ClassLabel(num_classes=n_classes)
+    feats = datasets.Features({"image": datasets.Image(), "label": label})
     path.parent.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_dict({"image": images, "label": labels.tolist()}, features=feats).to_parquet(str(path))
 
@@ -90,7 +94,8 @@ def fake_hub(tmp_path_factory):
     eurosat = snapshot_dir(cache, "dataset", "tanganke/eurosat")
     for split, n in (("train", 200), ("test", 12)):
         write_split(mnist / "mnist" / f"{split}-00000-of-00001.parquet", n, 10, seed=len(split), gray=True)
-        write_split(eurosat / "data" / f"{split}-00000-of-00001.parquet", n, 10, seed=len(split) + 7, gray=False)
+        write_split(eurosat / "data" / f"{split}-00000-of-00001.parquet", n, 10, seed=len(split) + 7, gray=False,
+                    names=EUROSAT_HUB_NAMES)
     sst2 = snapshot_dir(cache, "dataset", "nateraw/rendered-sst2")  # an image-folder layout: <split>/<class>/*.png
     from PIL import Image
     for i in range(6):
@@ -117,7 +122,7 @@ def test_missing_optional_packages_say_what_to_install(offline, monkeypatch, tmp
     with pytest.raises(SystemExit, match=r"--data-source hf needs the optional package 'datasets': "
                                          r"pip install -e \"\.\[hf\]\""):
         main.main(args + ["--source", "hf", "--data-source", "hf"])
-    assert "building zero-shot heads" not in capsys.readouterr().out  # said before any work
+    assert "zero-shot heads" not in capsys.readouterr().out  # said before any work
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     monkeypatch.setitem(sys.modules, "huggingface_hub.constants", None)
     with pytest.raises(SystemExit, match=r"needs the optional package 'huggingface_hub.*pip install -e \"\.\[hf\]\""):
@@ -292,15 +297,19 @@ def test_auto_coefficient_reads_cached_validation_inputs_with_identical_results(
 
     monkeypatch.setattr(src.demo.model, "get_demo_preprocess", open_clip_style_preprocess)
     # heads = mean zero-shot feature per class on the train split, so accuracies are neither 0 nor 100
+    from src.heads import cache_key
+
     found = hub.hub_checkpoints("demo-micro", TASKS, tmp_path)
     encoder = build_image_encoder("demo-micro", found.load_zeroshot()).eval()
+    text_model = hub.text_model_from_hf("demo-micro", found.zeroshot)  # heads are cached with its key
     for task in TASKS:
         x, y = next(iter(get_dataset(task, encoder.val_preprocess, "unused", split="train", batch_size=1000,
                                      num_workers=0, source="hf").loader))
         with torch.no_grad():
             f = torch.nn.functional.normalize(encoder(x), dim=-1)
         weights = torch.stack([f[y == c].mean(0) if (y == c).any() else f.mean(0) for c in range(10)])
-        save_head(ClassificationHead(normalize=True, weights=100 * weights), found.heads[task])
+        save_head(ClassificationHead(normalize=True, weights=100 * weights), found.heads[task],
+                  cache_key(text_model, task, "unused", "fusionbench", "hf"))
     common = ["--model", "demo-micro", "--tasks", "MNIST,EuroSAT", "--source", "hf", "--data-source", "hf",
               "--base_dir", str(tmp_path), "--threads", "1", "--no-progress", "--num-workers", "0",
               "--merge", "TA", "--scaling_coef", "auto"]
@@ -354,3 +363,96 @@ def test_fer2013_hub_labels_are_mapped_onto_our_class_order():
         assert data.cache_fingerprint()["label_map"] == mapping  # cached labels never outlive a new mapping
     with pytest.raises(ValueError, match="do not match"):
         hub_label_map("FER2013", hub, ["angry", "happy"])
+
+
+# ----------------------------------------------------------------------------- hub data checked when read
+def write_rows(cache: Path, repo: str, columns: dict, features: dict, folder: str = "data") -> None:
+    """A one-split ('test') parquet copy of a hub dataset ``repo`` in the fake hub cache."""
+    snap = snapshot_dir(cache, "dataset", repo)
+    path = snap / folder / "test-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(columns, features=datasets.Features(features)).to_parquet(str(path))
+
+
+def gray(n: int):
+    from PIL import Image
+    return [Image.new("L", (32, 32), 10 * i) for i in range(n)]  # demo-micro's input size
+
+
+def test_hub_labels_outside_the_classes_are_refused(offline, monkeypatch):
+    """Labels 10..19 (another copy's numbering) and -1 (an unlabelled row) were evaluated and logged; FER2013's
+    -1 even became 'surprised' through Python's negative indexing. They stop the read now, naming the
+    dataset, the split and the values."""
+    cache = offline / "hub"
+    write_rows(cache, "test/mnist-shifted", {"image": gray(4), "label": [10, 11, 19, 3]},
+               {"image": datasets.Image(), "label": datasets.Value("int64")})
+    monkeypatch.setitem(hf_sets.HUB_DATASETS, "MNIST", hf_sets.HubSet("test/mnist-shifted"))
+    with pytest.raises(ValueError, match=r"^MNIST: split 'test' of hub dataset test/mnist-shifted \(column 'label'\) "
+                                         r"has labels outside \[0, 10\): 10, 11, 19 \(3 of 4 rows\)") as err:
+        get_dataset("MNIST", None, "unused", num_workers=0, source="hf")
+    assert "\n" not in str(err.value)
+    write_rows(cache, "test/fer-unlabelled", {"jpg": gray(3), "cls": [0, -1, 6]},
+               {"jpg": datasets.Image(), "cls": datasets.Value("int64")})
+    fer = hf_sets.HUB_DATASETS["FER2013"]
+    monkeypatch.setitem(hf_sets.HUB_DATASETS, "FER2013", hf_sets.HubSet("test/fer-unlabelled", image="jpg",
+                                                                         label="cls", label_names=fer.label_names))
+    with pytest.raises(ValueError, match=r"FER2013: split 'test' of hub dataset test/fer-unlabelled \(column 'cls'\) "
+                                         r"has labels outside \[0, 7\): -1 "):
+        get_dataset("FER2013", None, "unused", num_workers=0, convention="fusionbench", source="hf")
+    mapped = hf_sets.HubImageDataset([{"jpg": gray(1)[0], "cls": -1}], "jpg", "cls", label_map=[0, 1, 2, 3, 6, 4, 5])
+    with pytest.raises(ValueError, match="label -1 of row 0 is outside the 7 classes"):
+        mapped[0]  # never the last class through negative indexing
+
+
+def test_hub_class_names_are_matched_to_ours_by_name(offline, monkeypatch):
+    """A copy that names its classes (a ClassLabel) in another order is mapped by name (case, spaces and
+    underscores aside), for every hub dataset, not only FER2013; a name we do not know is an error naming it."""
+    from src.datasets import templates as T
+    from src.datasets.registry import get_spec
+
+    cache = offline / "hub"
+    hub_order = ["Neutral", "angry", "Disgusted", "fearful", "happy", "sad", "surprised"]  # neutral first here
+    write_rows(cache, "test/fer-named", {"jpg": gray(7), "cls": list(range(7))},
+               {"jpg": datasets.Image(), "cls": datasets.ClassLabel(names=hub_order)})
+    fer = hf_sets.HUB_DATASETS["FER2013"]
+    monkeypatch.setitem(hf_sets.HUB_DATASETS, "FER2013", hf_sets.HubSet("test/fer-named", image="jpg", label="cls",
+                                                                         label_names=fer.label_names))
+    for convention in ("fusionbench", "tsv"):
+        data = get_dataset("FER2013", None, "unused", num_workers=0, convention=convention, source="hf").dataset
+        ours = [n[0] if isinstance(n, list) else n for n in get_spec("FER2013", convention).classnames]
+        assert [ours[data[i][1]] for i in range(7)] == [n.lower() for n in hub_order]  # the copy's own names win
+    eurosat = list(reversed(T.EUROSAT))  # another dataset, our words in the reverse order, with underscores
+    write_rows(cache, "test/eurosat-reversed", {"image": gray(10), "label": list(range(10))},
+               {"image": datasets.Image(), "label": datasets.ClassLabel(names=[n.replace(" ", "_") for n in eurosat])})
+    monkeypatch.setitem(hf_sets.HUB_DATASETS, "EuroSAT", hf_sets.HubSet("test/eurosat-reversed"))
+    data = get_dataset("EuroSAT", None, "unused", num_workers=0, source="hf").dataset
+    assert [data[i][1] for i in range(10)] == list(range(9, -1, -1))
+    write_rows(cache, "test/fer-contempt", {"jpg": gray(2), "cls": [0, 1]},
+               {"jpg": datasets.Image(), "cls": datasets.ClassLabel(names=hub_order[:6] + ["contempt"])})
+    monkeypatch.setitem(hf_sets.HUB_DATASETS, "FER2013", hf_sets.HubSet("test/fer-contempt", image="jpg", label="cls"))
+    with pytest.raises(ValueError, match=r"^FER2013: the classes of test/fer-contempt do not match the task's class "
+                                         r"names: 'contempt' is not among 7 known") as err:
+        get_dataset("FER2013", None, "unused", num_workers=0, convention="fusionbench", source="hf")
+    assert "\n" not in str(err.value)
+
+
+def test_hub_image_column_of_strings_is_refused(offline, monkeypatch):
+    """File paths (or text) where images belong gave a raw AttributeError traceback mid-evaluation."""
+    write_rows(offline / "hub", "test/mnist-paths", {"image": ["train/0/1.png", "train/1/2.png"], "label": [0, 1]},
+               {"image": datasets.Value("string"), "label": datasets.ClassLabel(num_classes=10)})
+    monkeypatch.setitem(hf_sets.HUB_DATASETS, "MNIST", hf_sets.HubSet("test/mnist-paths"))
+    with pytest.raises(ValueError, match=r"^MNIST: column 'image' of hub dataset test/mnist-paths \(split 'test'\) "
+                                         r"holds string values such as 'train/0/1.png', not images") as err:
+        get_dataset("MNIST", None, "unused", num_workers=0, source="hf")
+    assert "\n" not in str(err.value)
+
+
+def test_bad_hub_data_stops_main_before_any_work(offline, tmp_path, monkeypatch, capsys):
+    """runs.plan reads every hub split the run evaluates (columns and labels) before heads or merges."""
+    write_rows(offline / "hub", "test/mnist-shifted2", {"image": gray(2), "label": [12, 1]},
+               {"image": datasets.Image(), "label": datasets.Value("int64")})
+    monkeypatch.setitem(hf_sets.HUB_DATASETS, "MNIST", hf_sets.HubSet("test/mnist-shifted2"))
+    with pytest.raises(SystemExit, match=r"error: MNIST: split 'test' of hub dataset test/mnist-shifted2 .*: 12 "):
+        main.main(["--model", "demo-micro", "--tasks", "MNIST,EuroSAT", "--source", "hf", "--data-source", "hf",
+                   "--base_dir", str(tmp_path), "--logs", str(tmp_path / "logs"), "--no-progress"])
+    assert "zero-shot heads" not in capsys.readouterr().out and not (tmp_path / "checkpoints").exists()

@@ -11,11 +11,19 @@ is evaluated with that code's heads (class names + templates) and data:
 
 The registry holds the task_vectors definitions; ``OVERRIDES`` lists everything another convention changes.
 The convention follows the checkpoint layout (``convention_for_layout``); ``--convention`` overrides it.
+
+The convention also fixes one step of the image preprocessing: FusionBench's CLIPImageProcessor centre-crops at
+the offset ``(L - 224) // 2`` (transformers' ``image_transforms.center_crop``), torchvision's CenterCrop (open_clip,
+task_vectors, TSV) at ``round((L - 224) / 2)``; for an odd ``L - 224`` they can land one pixel apart.
+``preprocess_for`` swaps the crop for the fusionbench convention, and the data provenance records it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
+
+from torchvision.transforms import CenterCrop, Compose
+from torchvision.transforms import functional as TF
 
 from src.datasets import templates as T
 from utils import task_of
@@ -24,6 +32,8 @@ CONVENTIONS = ("task_vectors", "tsv", "fusionbench")
 DEFAULT = "task_vectors"
 _BY_LAYOUT = {"task_vectors": "task_vectors", "tsv": "tsv", "hf": "fusionbench"}
 REGISTERED_VARIANTS = {"EMNIST": "digits"}  # names the registered data of tasks whose data varies
+# centre-crop offset rule of a convention's preprocessing when it is not torchvision's rounding (see the docstring)
+CROPS = {"fusionbench": "floor"}
 
 
 @dataclass(frozen=True)
@@ -73,10 +83,11 @@ def resolve(requested: str | None, layout: str) -> str:
     return convention_for_layout(layout) if requested in (None, "auto") else check_convention(requested)
 
 
-def released_heads_convention(layout: str) -> str:
-    """Convention of the head files a layout's folder holds: ``head_<Task>Val.pt`` come with the TSV release,
-    ``head_<Task>.pt`` with the task_vectors one (FusionBench ships no heads)."""
-    return "tsv" if layout == "tsv" else "task_vectors"
+def released_heads_convention(layout: str) -> str | None:
+    """Convention of the released head files a layout's folder holds: ``head_<Task>Val.pt`` come with the TSV
+    release, ``head_<Task>.pt`` with the task_vectors one; None for the hf layout: FusionBench ships no heads, so
+    every head in its folder was built here and is trusted only with its key (src.heads)."""
+    return None if layout == "hf" else "tsv" if layout == "tsv" else "task_vectors"
 
 
 def override(task: str, convention: str | None) -> Override | None:
@@ -116,3 +127,41 @@ def check_layout(layout: str, convention: str, tasks: list[str]) -> None:
                 f"{task}: the '{layout}' checkpoints were fine-tuned on {task} {describe(wanted)} ({native} "
                 f"convention), but --convention {convention} evaluates {task} {describe(given)}. Use --convention "
                 f"{native} (or auto), or leave {task} out of --tasks.")
+
+
+# ----------------------------------------------------------------------------- preprocessing
+class FloorCenterCrop:
+    """Centre crop with the offset rounded down, ``((H - h) // 2, (W - w) // 2)``, as transformers'
+    ``image_transforms.center_crop`` (FusionBench's CLIPImageProcessor); an image smaller than the crop is
+    zero-padded around it as there. torchvision's ``CenterCrop`` rounds the offset to nearest instead."""
+
+    def __init__(self, size):
+        self.size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
+        if len(self.size) == 1:
+            self.size = (self.size[0], self.size[0])
+
+    def __call__(self, img):
+        _, height, width = TF.get_dimensions(img)
+        crop_h, crop_w = self.size
+        return TF.crop(img, (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+def crop_rule(convention: str | None) -> str | None:
+    """'floor' when ``convention`` centre-crops as FusionBench does, None for torchvision's rounding."""
+    return CROPS.get(convention or DEFAULT)
+
+
+def preprocess_for(preprocess, convention: str | None):
+    """``preprocess`` as ``convention`` preprocesses: under fusionbench every torchvision ``CenterCrop`` of a
+    ``Compose`` becomes a ``FloorCenterCrop`` of the same size (a new Compose; the given one is not changed).
+    Anything else, or another convention, is returned as it is."""
+    if crop_rule(convention) != "floor" or not isinstance(preprocess, Compose):
+        return preprocess
+    steps = [FloorCenterCrop(step.size) if isinstance(step, CenterCrop) else preprocess_for(step, convention)
+             for step in preprocess.transforms]
+    if all(new is old for new, old in zip(steps, preprocess.transforms)):
+        return preprocess
+    return Compose(steps)

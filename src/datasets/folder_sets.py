@@ -11,7 +11,8 @@ These splits are not what torchvision downloads, so none of these tasks can be f
 
 When both names of a split exist (e.g. dtd/val and dtd/test) the split is never guessed: identical folders
 are used either way (said once), different ones stop the run until `set_split_folders` (main.py
---split-folder TASK=NAME) picks one. Every dataset carries `source`, the folder or file it was read from.
+--split-folder TASK=NAME) picks one; `check_split_folders` makes that check up front, before any work (src.runs.plan).
+Every dataset carries `source`, the folder or file it was read from.
 """
 import functools
 import os
@@ -23,6 +24,7 @@ from torchvision.datasets import ImageFolder
 
 from src.datasets import templates as T
 from src.datasets.registry import DatasetNotFoundError, register_dataset
+from utils import is_val, task_of
 
 PREP_HELP = ("Prepare the splits as task_vectors does (https://github.com/mlfoundations/task_vectors/issues/1) "
              "and pass the folder that contains them as --data-location.")
@@ -35,6 +37,7 @@ SPLIT_FOLDERS: dict[tuple[str, str], dict[str, str]] = {
     ("SUN397", "test"): {"val": "task_vectors", "test": "the official SVC code"},
     ("EuroSAT", "val"): {"val": "task_vectors", "valid": "the official SVC code"},
 }
+SPLIT_BASES = {"DTD": "dtd", "SUN397": "sun397", "EuroSAT": "EuroSAT_splits"}  # folder holding those splits
 _chosen: dict[str, str] = {}  # task -> folder name picked by the user (main.py --split-folder)
 
 
@@ -74,12 +77,14 @@ def _same_files(a: str, b: str) -> bool:
     return same
 
 
-def _split_dir(task: str, base: str, split: str) -> str:
-    """Folder of `split` under `base`: the user's pick, the only one of its names that exists, or either of
-    two identical ones; two different ones are an error naming both and the flag that picks one."""
+def _split_dir(task: str, base: str, split: str, chosen: dict[str, str] | None = None) -> str:
+    """Folder of `split` under `base`: the user's pick (`chosen`, else `set_split_folders`'), the only one of its
+    names that exists, or either of two identical ones; two different ones are an error naming both and the
+    flag that picks one."""
     folders = SPLIT_FOLDERS.get((task, split), {split: ""})
-    if task in _chosen and (task, split) in SPLIT_FOLDERS:
-        return _first_dir(task, [os.path.join(base, _chosen[task])])
+    chosen = _chosen if chosen is None else chosen
+    if task in chosen and (task, split) in SPLIT_FOLDERS:
+        return _first_dir(task, [os.path.join(base, chosen[task])])
     paths = [os.path.join(base, name) for name in folders]
     found = [p for p in paths if os.path.isdir(p)]
     if len(found) > 1 and not _same_files(*found):
@@ -88,6 +93,32 @@ def _split_dir(task: str, base: str, split: str) -> str:
         raise ValueError(f"{task}: both {described} exist and hold different files, so which one is the {split} "
                          f"split is ambiguous; pick one with {options}")
     return _first_dir(task, found or paths)
+
+
+def check_split_folders(names: list[str], location: str, choices: dict[str, str] | None = None) -> None:
+    """Before any work: every split folder that evaluating `names` (e.g. "DTD", "EuroSATVal") reads under
+    `location` is unambiguous, by the same rule as the builders (`_split_dir`); `choices`: the --split-folder
+    picks ({task: folder}; default: `set_split_folders`'). One ValueError for all ambiguous splits. Missing
+    folders are left to the builders, which name them. The test split is always checked: the zero-shot heads
+    read their class names from it."""
+    chosen = canonical_split_folders(choices) if choices is not None else None
+    problems = []
+    for name in dict.fromkeys(names):
+        task = next((t for t in SPLIT_BASES if t.lower() == task_of(name).lower()), None)
+        if task is None:
+            continue
+        for split in ("test", "val") if is_val(name) else ("test",):
+            if (task, split) not in SPLIT_FOLDERS:
+                continue
+            try:
+                _split_dir(task, os.path.join(location, SPLIT_BASES[task]), split, chosen)
+            except DatasetNotFoundError:
+                pass
+            except ValueError as err:
+                if str(err) not in problems:
+                    problems.append(str(err))
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _first_dir(task: str, candidates: list[str]) -> str:

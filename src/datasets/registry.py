@@ -231,6 +231,7 @@ class DatasetSplit:
     source: str = ""  # folder or file the images were read from (see `provenance`)
     cut_from_train: bool = False  # val (or the train remainder) cut out of the train split with seed 0
     convention: str | None = None  # set when the convention changes this task's data, names or templates
+    crop: str | None = None  # "floor": centre crop as FusionBench's CLIPImageProcessor (conventions.crop_rule)
 
     @property
     def provenance(self) -> dict:
@@ -240,6 +241,8 @@ class DatasetSplit:
             info["cut"] = f"{VAL_FRACTION:.0%} of train (at most {MAX_VAL_SAMPLES}), seed {VAL_SEED}"
         if self.convention:  # other class names/templates (heads) or data: other accuracies
             info["convention"] = self.convention
+        if self.crop:  # other pixels than torchvision's centre crop
+            info["crop"] = self.crop
         return info
 
     # aliases: the original code reads `dataset.test_dataset` / `dataset.test_loader`
@@ -259,6 +262,7 @@ def load_split(name: str, split: str, preprocess, location: str, download: bool 
     spec = get_spec(name)
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
+    preprocess = conventions.preprocess_for(preprocess, convention)  # fusionbench: FusionBench's centre crop
     if split == "test" or not spec.val_from_train:
         return _call_build(spec, split, preprocess, location, download, convention, source)
     train, val = split_train_val(_call_build(spec, "train", preprocess, location, download, convention, source),
@@ -271,7 +275,9 @@ def get_dataset(name: str, preprocess, location: str, batch_size: int = 128, num
                 source: str = LOCAL) -> DatasetSplit:
     """Task `name` ("XVal" -> split "val" of X, else "test" unless `split` is given) with a non-shuffled loader;
     data, class names and templates follow `convention` (default task_vectors, src.datasets.conventions). The
-    images come from `source`: "local" (folders under `location`) or a registered source such as "hf"."""
+    images come from `source`: "local" (folders under `location`) or a registered source such as "hf". The
+    convention's preprocessing applies (`conventions.preprocess_for`: FusionBench's centre crop) and is recorded
+    in the provenance."""
     base, is_val_name = _parse(name)
     split = split or ("val" if is_val_name else "test")
     spec = get_spec(base, convention)
@@ -281,4 +287,5 @@ def get_dataset(name: str, preprocess, location: str, batch_size: int = 128, num
     names = spec.classnames if spec.fixed_names else _classnames_of(dataset, spec.classnames)
     return DatasetSplit(label, names, spec.templates, dataset, loader, split=split, source=_source_of(dataset),
                         cut_from_train=spec.val_from_train and split != "test",
-                        convention=convention if conventions.override(base, convention) is not None else None)
+                        convention=convention if conventions.override(base, convention) is not None else None,
+                        crop=conventions.crop_rule(convention))
