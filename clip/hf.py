@@ -36,23 +36,22 @@ _BLOCK = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$
 _TEXT_BLOCK = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def _text_layer(k: str, keys: set, plan: dict) -> None:
-    """HF ``text_model.encoder.layers.*`` -> open_clip ``transformer.resblocks.*`` (q/k/v stacked)."""
-    m = _TEXT_BLOCK.match(k)
-    if not m:
-        return
+def _block_layer(m: re.Match, tower: str, out_prefix: str, keys: set, plan: dict) -> None:
+    """One HF encoder-layer key of ``tower`` (matched by ``m``) -> its open_clip ``resblocks`` key; q, k and v
+    become one stacked ``in_proj``."""
     i, name, kind = m.groups()
-    out = f"transformer.resblocks.{i}."
+    out = f"{out_prefix}transformer.resblocks.{i}."
     if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-        src = [f"text_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}" for p in "qkv"]
+        src = [f"{tower}.encoder.layers.{i}.self_attn.{p}_proj.{kind}" for p in "qkv"]
         missing = [s for s in src if s not in keys]
         if missing:
-            raise CheckpointError(f"Hugging Face checkpoint has {k} but not {missing}")
+            raise CheckpointError(f"Hugging Face checkpoint has {m.string} but not {missing}")
         plan[out + f"attn.in_proj_{kind}"] = ("qkv", src)
     elif name in _LAYER:
-        plan[out + f"{_LAYER[name]}.{kind}"] = ("copy", [k])
+        plan[out + f"{_LAYER[name]}.{kind}"] = ("copy", [m.string])
     else:
-        raise CheckpointError(f"unknown Hugging Face CLIP text key {k!r}")
+        what = "text key" if tower == "text_model" else "key"
+        raise CheckpointError(f"unknown Hugging Face CLIP {what} {m.string!r}")
 
 
 def hf_plan(hf_keys, text: bool = False) -> dict[str, tuple[str, list[str]]]:
@@ -76,22 +75,11 @@ def hf_plan(hf_keys, text: bool = False) -> dict[str, tuple[str, list[str]]]:
         elif k == "text_projection.weight":
             plan["text_projection"] = ("T", [k])
         elif k.startswith("text_model."):
-            if text:
-                _text_layer(k, keys, plan)
+            if text and (m := _TEXT_BLOCK.match(k)):
+                _block_layer(m, "text_model", "", keys, plan)
             continue  # text transformer: not part of the image encoder state dict
         elif m := _BLOCK.match(k):
-            i, name, kind = m.groups()
-            out = f"visual.transformer.resblocks.{i}."
-            if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-                src = [f"vision_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}" for p in "qkv"]
-                missing = [s for s in src if s not in keys]
-                if missing:
-                    raise CheckpointError(f"Hugging Face checkpoint has {k} but not {missing}")
-                plan[out + f"attn.in_proj_{kind}"] = ("qkv", src)
-            elif name in _LAYER:
-                plan[out + f"{_LAYER[name]}.{kind}"] = ("copy", [k])
-            else:
-                raise CheckpointError(f"unknown Hugging Face CLIP key {k!r}")
+            _block_layer(m, "vision_model", "visual.", keys, plan)
         else:
             raise CheckpointError(f"unknown Hugging Face CLIP key {k!r}")
     return {k: (op, [orig[s] for s in src]) for k, (op, src) in plan.items()}
