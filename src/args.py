@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import merge_func
+import utils
 from clip.layout import LAYOUTS
 from clip.save import check_save_path as check_save_path_of
 from src import tuning
@@ -262,7 +263,13 @@ def validate(args) -> None:
     _check_writable(Path(args.logs) / args.model, f"--logs {args.logs}")
     for name in ("results.jsonl", "individual_accuracies.json"):
         file = Path(args.logs) / args.model / name
-        if file.is_dir() or (file.exists() and not os.access(file, os.W_OK)):
+        # a FIFO, a device, a directory (or a symlink to one) as the file or its lock: reading would block or never
+        # end, and the results line would be lost after the evaluation
+        try:
+            utils.check_regular_file(file, "remove it or move it away, or give another --logs")
+        except utils.NotRegularFileError as err:
+            raise ValueError(f"--logs {args.logs}: {file} cannot be written: {err}") from None
+        if file.exists() and not os.access(file, os.W_OK):
             raise ValueError(f"--logs {args.logs}: {file} cannot be written; give another --logs")
     check_save_path(args)
     for warning in ignored_flags(args, merge):

@@ -39,9 +39,10 @@ SVC_FIELDS = ("svc_keys", "svc_target", "svc_row_space", "svc_dtype")  # logged 
 def results_files(path: str | Path) -> list[Path]:
     """results.jsonl files for a file, a logs/<model> folder, or a logs folder holding model folders."""
     path = Path(path)
-    if path.is_file():
+    # anything but a folder is the file itself: a FIFO or a device is refused by the reader, not taken for a folder
+    if path.exists() and not path.is_dir():
         return [path]
-    if (path / RESULTS_FILE).is_file():
+    if (path / RESULTS_FILE).exists():
         return [path / RESULTS_FILE]
     found = sorted(path.glob(f"*/{RESULTS_FILE}")) if path.is_dir() else []
     if not found:
@@ -470,6 +471,8 @@ def main(argv: list[str] | None = None) -> None:
             rows = load_results(args.path)
         except FileNotFoundError as err:
             parser.error(str(err))
+        except utils.NotRegularFileError as err:  # a FIFO or /dev/zero: refused before reading, in one line
+            raise SystemExit(f"error: {err}") from None
         if args.merge:
             rows = [r for r in rows if r["merge"] in REFERENCE_LABELS or any(same_method(r["merge"], m) for m in args.merge)]
         if not rows:

@@ -242,6 +242,16 @@ def pending(runs: list[Run], force: bool) -> tuple[list[Run], list[Run]]:
     return todo, done
 
 
+def check_files(folder: Path, jobs: Path) -> None:
+    """Refuse, before any work, a results, cache or job record file (or its lock) that is a FIFO, a device or a
+    folder: reading it would block or never end, and the runs' results would be lost after the work."""
+    for file in (folder / "results.jsonl", folder / "individual_accuracies.json", jobs / SUBMITTED):
+        try:
+            utils.check_regular_file(file)
+        except utils.NotRegularFileError as err:
+            raise SystemExit(f"error: {err}") from None
+
+
 def ensure_demo_zoo(model: str, extra: list[str]) -> None:
     """Demo models: build the checkpoint zoo once here, not in every concurrent job."""
     if model.startswith("demo"):
@@ -258,6 +268,8 @@ def print_table(folder: Path) -> bool:
     try:
         results.main([str(folder), "--reference"])
     except SystemExit as err:
+        if isinstance(err.code, str):  # a refusal (e.g. a results file that is a FIFO): say why
+            print(err.code, file=sys.stderr)
         return not err.code
     return True
 
@@ -319,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs-per-job and --workers must be at least 1")
     params = slurm_parameters(args, args.model) if args.launcher == "slurm" else {}
     jobs = Path(args.folder) if args.folder else folder / "sweep"
+    check_files(folder, jobs)
     # no submitit, no Slurm, a wrong sbatch parameter: said before any work
     executor = slurm_executor(jobs, params) if args.launcher == "slurm" and not args.dry_run else None
 
