@@ -187,10 +187,36 @@ def job_state(folder: Path, job_id: str) -> str:
     return submitit.SlurmJob(folder=str(folder / "%j"), job_id=job_id).state
 
 
+def _record_problem(record: dict) -> str | None:
+    """Why a line of submitted.jsonl cannot be used, or None."""
+    runs = record.get("runs")
+    if not isinstance(runs, list) or not all(isinstance(k, str) for k in runs):
+        return "'runs' is not a list of run keys"
+    if "job_id" in record:
+        job_id = record["job_id"]
+        ok = isinstance(job_id, str) and job_id.strip() or isinstance(job_id, int) and not isinstance(job_id, bool)
+        return None if ok else "'job_id' is not a Slurm job id"
+    return "no 'job_id'"
+
+
+def submitted_records(folder: Path) -> list[dict]:
+    """The usable records of <folder>/submitted.jsonl; a damaged line is skipped with a warning naming file:line
+    (it never stops a sweep, not even --dry-run)."""
+    path = folder / SUBMITTED
+    records = []
+    for lineno, record in utils.iter_jsonl(path):
+        problem = _record_problem(record)
+        if problem:
+            warnings.warn(f"{path}:{lineno}: skipped line ({problem})")
+        else:
+            records.append(record)
+    return records
+
+
 def in_flight(folder: Path, keys: set[str]) -> dict[str, str]:
     """run key -> Slurm job id, for those of `keys` whose job, submitted earlier (e.g. with
     --no-wait), is still pending or running: submitting them again would run them twice."""
-    records = [r for r in utils.read_jsonl(folder / SUBMITTED) if keys & set(r.get("runs", []))]
+    records = [r for r in submitted_records(folder) if keys & set(r["runs"])]
     if not records:
         return {}
     try:
@@ -202,7 +228,7 @@ def in_flight(folder: Path, keys: set[str]) -> dict[str, str]:
         job_id = str(record.get("job_id"))
         state = job_state(folder, job_id).upper().split() or ["UNKNOWN"]  # e.g. "CANCELLED by 123"
         if state[0] in ACTIVE:
-            busy.update({k: job_id for k in record.get("runs", [])})
+            busy.update({k: job_id for k in record["runs"]})
     return busy
 
 
@@ -339,9 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught:  # a damaged results line: say it once, not per run
         warnings.simplefilter("always")
         todo, done = pending(runs, args.force)
+        busy = in_flight(jobs, {run.key for run in todo})
     for message in dict.fromkeys(str(w.message) for w in caught):
         print(f"warning: {message}", file=sys.stderr)
-    busy = in_flight(jobs, {run.key for run in todo})
     for run in todo:
         if run.key in busy:
             print(f"not submitted: {run.label} is in Slurm job {busy[run.key]}, still pending or running", flush=True)

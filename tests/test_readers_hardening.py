@@ -162,3 +162,99 @@ def test_sweep_refuses_special_files_before_any_work(tmp_path, name):
     assert isinstance(err, SystemExit) and isinstance(err.code, str), outcome
     assert err.code.startswith("error: ") and str(path) in err.code and "FIFO" in err.code
     assert not (tmp_path / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- 2. one bad line never stops a reader
+DEEP = "[" * 100_000 + "]" * 100_000  # RecursionError in json.loads
+DEEP_OBJECT = '{"merge": "TA", "accuracy": {"MNIST": 1.0}, "options": ' + '{"a": ' * 500 + "1" + "}" * 500 + "}"
+HUGE_INT = '{"merge": "TA", "accuracy": {"MNIST": 1' + "0" * 5000 + "}}"  # ValueError: > 4300 digits
+
+
+def _sweep_rows():
+    """A TA coefficient sweep, its SVC runs and the references: every table and plot has something to show."""
+    rows = [_row("zeroshot", {"MNIST": 40.0, "DTD": 50.0}), _row("finetuned", {"MNIST": 99.0, "DTD": 80.0})]
+    rows += [_row("TA", {"MNIST": 60.0 + c, "DTD": 80.0}, scaling_coef=c) for c in (0.1, 0.3, 0.5)]
+    rows += [_row("TA", {"MNIST": 62.0 + a, "DTD": 81.0}, svc=True, alpha=a) for a in (0.25, 1.0)]
+    return rows
+
+
+def _write(folder, lines):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.jsonl").write_text("".join(line + "\n" for line in lines))
+    return folder
+
+
+def _every_reader(folder, capsys):
+    """src.results (with published numbers), src.plots bars/scaling/alpha and utils.read_jsonl on ``folder``:
+    each must finish; returns the warnings and the stderr they gave."""
+    from src import plots
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        utils.read_jsonl(folder / "results.jsonl")
+        results.main([str(folder), "--reference"])
+        assert "| Method |" in capsys.readouterr().out
+        for command in (["bars"], ["scaling", "--merge", "TA"], ["alpha", "--merge", "TA"]):
+            paths = plots.main([command[0], str(folder), *command[1:], "--out", str(folder / command[0])])
+            assert paths and all(p.stat().st_size for p in paths)
+    return " ".join(str(w.message) for w in caught) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, why", [(DEEP, "nested more than 64 deep"), (DEEP_OBJECT, "nested more than 64 deep"),
+                                       (HUGE_INT, "4300 digits")])
+def test_a_deep_or_unparsable_line_is_skipped_and_named_by_every_reader(tmp_path, capsys, line, why):
+    folder = _write(tmp_path / "ViT-B-32", [json.dumps(r) for r in _sweep_rows()[:4]] + [line]
+                    + [json.dumps(r) for r in _sweep_rows()[4:]])
+    said = _every_reader(folder, capsys)
+    assert f"{folder / 'results.jsonl'}:5: skipped damaged line" in said and why in said
+
+
+BAD_FIELDS = [("tasks", 5), ("tasks", ["MNIST", 1]), ("options", "xyz"), ("normalized", "abc"),
+              ("normalized", {"MNIST": "x"}), ("accuracy", {"a": "x"}), ("accuracy", {"Avg": 50.0}), ("request", []),
+              ("svc", "yes"), ("merge", 3), ("model", [1]), ("data", 5), ("layout", 7), ("checkpoints", {"a": 1}),
+              ("convention", ["x"]), ("alpha", "zz"), ("scaling_coef", [1]), ("svc_target", "0"),
+              ("svc_row_space", "no"), ("avg", "high"), ("scaling_coef_selected", "x"), ("scaling_coef_grid", "x"),
+              ("scaling_coef_curve", "abc"), ("scaling_coef_curve", [{"coef": "x", "avg": 1.0}]),
+              ("alpha_curve", [{"coef": 0.5, "avg": "x"}])]
+
+
+@pytest.mark.parametrize("name, value", BAD_FIELDS, ids=[f"{n}={v!r}" for n, v in BAD_FIELDS])
+def test_an_ill_typed_field_is_skipped_and_named_by_every_reader(tmp_path, capsys, name, value):
+    bad = {**_row("TA", scaling_coef=0.3), name: value}
+    folder = _write(tmp_path / "ViT-B-32", [json.dumps(r) for r in _sweep_rows()[:3]] + [json.dumps(bad)]
+                    + [json.dumps(r) for r in _sweep_rows()[3:]])
+    said = _every_reader(folder, capsys)
+    where = f"{folder / 'results.jsonl'}:4: skipped line ("
+    assert where in said and (repr(name) in said.split(where, 1)[1].split(")")[0] or name in ("merge", "accuracy"))
+
+
+def test_the_shape_check_accepts_what_main_py_writes():
+    """Every field main.py and src.tuning write, at its real type, passes (null or missing fields too)."""
+    row = {**_row("TIES", svc=True, alpha=0.125, options={"ties_k": 20}), "layout": "task_vectors",
+           "convention": "task_vectors", "checkpoints": "abc", "source": "local", "data": {"MNIST": {"n": 5}},
+           "request": {"merge": "TIES"}, "svc_keys": "official", "svc_target": None, "svc_row_space": False,
+           "svc_dtype": "float32", "avg": 70.0, "normalized": 80.0, "scaling_coef_selected": 0.3,
+           "scaling_coef_grid": [0.1, 0.3], "scaling_coef_grid_name": "default",
+           "scaling_coef_curve": [{"coef": 0.1, "accuracy": {"MNIST": 1.0}, "avg": 1.0, "normalized": None}],
+           "alpha_curve": [{"coef": 0.5, "avg": float("nan")}]}
+    assert results.row_problem(row) is None
+    assert results.row_problem({"merge": "TA", "accuracy": {"MNIST": 1.0}}) is None
+
+
+SUBMITTED_LINES = ['{"job_id": "1", "runs": 5}', '{"job_id": "2", "runs": [["x"]]}', '{"job_id": true, "runs": []}',
+                   '{"runs": ["k"]}', DEEP, "{broken", '{"job_id": "3", "runs": ["k"]}']
+
+
+def test_a_damaged_submitted_jsonl_never_stops_the_sweep(workdir, tmp_path, capsys, monkeypatch):
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    (jobs / "submitted.jsonl").write_text("\n".join(SUBMITTED_LINES) + "\n")
+    monkeypatch.setattr(sweep, "job_state", lambda folder, job_id: "COMPLETED")
+    assert sweep.main(["--model", "demo-micro", "--methods", "TA", "--launcher", "local", "--dry-run",
+                       "--folder", str(jobs), "--logs", str(tmp_path / "logs"), "--",
+                       "--base_dir", str(workdir)]) == 0
+    captured = capsys.readouterr()
+    assert "4 runs: 0 already in" in captured.out
+    for lineno in range(1, 7):
+        assert f"{jobs / 'submitted.jsonl'}:{lineno}: skipped" in captured.err
+    assert f"{jobs / 'submitted.jsonl'}:7:" not in captured.err
