@@ -258,3 +258,51 @@ def test_a_damaged_submitted_jsonl_never_stops_the_sweep(workdir, tmp_path, caps
     for lineno in range(1, 7):
         assert f"{jobs / 'submitted.jsonl'}:{lineno}: skipped" in captured.err
     assert f"{jobs / 'submitted.jsonl'}:7:" not in captured.err
+
+
+def test_a_fine_tuned_accuracy_of_zero_never_divides_by_zero(tmp_path, capsys):
+    """A valid fine-tuned line with 0% on a dataset: the runs it would normalise get no normalised accuracy."""
+    folder = _write(tmp_path / "ViT-B-32", [json.dumps(_row("finetuned", {"MNIST": 0.0, "DTD": 80.0})),
+                                            json.dumps(_row("TA"))])
+    results.main([str(folder)])
+    assert "| TA | **60.00** | **80.00** | **70.00** | - |" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- 3. cost linear in the logs
+def _timed(fn):
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def test_a_line_with_many_datasets_is_read_in_linear_time(tmp_path):
+    """50,000 accuracy keys: about 4 min before (quadratic: list membership per dataset, a pandas call per
+    column and per cell), a second or two now; the bound leaves room for a loaded machine."""
+    tasks = [f"task{i:05d}" for i in range(50_000)]
+    acc = {t: 50.0 + i % 50 for i, t in enumerate(tasks)}
+    folder = _write(tmp_path / "ViT-B-32", [json.dumps(_row("finetuned", acc)), json.dumps(_row("TA", acc))])
+    text, seconds = _timed(lambda: results.render(results.summarize(results.load_results(folder)), "csv"))
+    assert seconds < 40, f"{seconds:.0f} s"
+    assert text.count("\n") == 3 and text.splitlines()[2].startswith("TA,50.00*,51.00*")
+
+
+def test_many_configurations_are_read_in_linear_time(tmp_path):
+    """20,000 lines, each its own configuration (coefficient): no list.index per configuration."""
+    lines = [json.dumps(_row("TA", {"MNIST": 50.0, "DTD": 60.0}, scaling_coef=i / 1000)) for i in range(20_000)]
+    folder = _write(tmp_path / "ViT-B-32", lines)
+    table, seconds = _timed(lambda: results.summarize(results.load_results(folder)))
+    assert seconds < 40, f"{seconds:.0f} s"
+    assert len(table.mean) == 20_000 and table.mean.index[1] == "TA (coef=0.001)"
+
+
+def test_a_line_over_the_size_cap_is_skipped_not_held(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, "MAX_LINE_BYTES", 1000)
+    path = tmp_path / "results.jsonl"
+    big = json.dumps(_row("TA", {f"t{i}": 1.0 for i in range(200)}))
+    path.write_text(json.dumps(_row("TA")) + "\n" + big + "\n" + big[:-1] + "\n" + json.dumps(_row("TIES")) + "\n")
+    with pytest.warns(UserWarning) as caught:
+        rows = utils.read_jsonl(path)
+    assert [r["merge"] for r in rows] == ["TA", "TIES"]
+    said = " ".join(str(w.message) for w in caught)
+    assert f"{path}:2: skipped line (longer than" in said and f"{path}:3: skipped line (longer than" in said
+
