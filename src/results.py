@@ -547,11 +547,30 @@ def render(table: Table, fmt: str = "markdown", decimals: int = 2, reference: bo
     return "\n".join(lines) + "\n"
 
 
+class _Parser(argparse.ArgumentParser):
+    """A refused argument is one line on stderr, ``python -m src.results: error: ...`` (exit code 2), without
+    the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def _decimals(text: str) -> int:
+    """argparse type of --decimals: 0 to 15 (a negative count was a traceback, a huge one an error deep inside)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of digits from 0 to 15, got {text!r}") from None
+    if not 0 <= value <= 15:
+        raise argparse.ArgumentTypeError(f"expected a whole number of digits from 0 to 15, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m src.results", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m src.results", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", nargs="?", default="logs", help="logs/<model>, a results.jsonl, or logs/ (all models)")
     parser.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
-    parser.add_argument("--decimals", type=int, default=2)
+    parser.add_argument("--decimals", type=_decimals, default=2, help="digits after the point, 0 to 15 (default 2)")
     parser.add_argument("--merge", nargs="+", help="only these merge methods (zero-shot/fine-tuned rows are kept)")
     parser.add_argument("--out", help="write the table to this file instead of stdout")
     parser.add_argument("--pool-checkpoints", action="store_true",

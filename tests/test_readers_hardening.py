@@ -306,3 +306,16 @@ def test_a_line_over_the_size_cap_is_skipped_not_held(tmp_path, monkeypatch):
     said = " ".join(str(w.message) for w in caught)
     assert f"{path}:2: skipped line (longer than" in said and f"{path}:3: skipped line (longer than" in said
 
+
+# ----------------------------------------------------------------------------- 4. --decimals
+@pytest.mark.parametrize("value", ["-1", "x", "1000000000"])
+def test_decimals_out_of_range_is_one_line(tmp_path, capsys, value):
+    folder = _write(tmp_path / "ViT-B-32", [json.dumps(_row("TA"))])
+    with pytest.raises(SystemExit) as info:
+        results.main([str(folder), "--decimals", value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m src.results: error: argument --decimals:")
+    results.main([str(folder), "--decimals", "0"])
+    assert "| TA | **60** | **80** | **70** |" in capsys.readouterr().out
+
