@@ -10,7 +10,7 @@ import stat
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -159,15 +159,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any], *, lock_held: bool = False) -> None:
     """Append one strict-JSON line (NaN/inf refused) under a cross-process lock.
 
     The file is never rewritten: the line goes out in one O_APPEND write, so concurrent runs
     (run.sh, Slurm arrays) never lose a line, and an interrupted run leaves the earlier lines intact.
-    A damaged last line (no newline) is closed first so the new record starts on its own line."""
+    A damaged last line (no newline) is closed first so the new record starts on its own line.
+    ``lock_held``: the caller already holds ``locked(path)`` (a read-check-append made atomic); locking again
+    would not block, but closing the second handle would drop the caller's lock (POSIX record locks)."""
     path = Path(path)
     line = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")  # ValueError on NaN/inf
-    with locked(path):
+    with nullcontext() if lock_held else locked(path):
         fd = _open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             size = os.fstat(fd).st_size

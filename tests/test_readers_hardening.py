@@ -319,3 +319,78 @@ def test_decimals_out_of_range_is_one_line(tmp_path, capsys, value):
     results.main([str(folder), "--decimals", "0"])
     assert "| TA | **60** | **80** | **70** |" in capsys.readouterr().out
 
+
+# ----------------------------------------------------------------------------- 5. local launchers on the same logs
+SWEEP_FLAGS = ["--threads", "1", "--no-progress", "--num-workers", "0"]
+
+
+def _stub_main(tmp_path, sleep=0.0):
+    """A main.py that records its arguments (one line per run, O_APPEND) and sleeps."""
+    stub = tmp_path / "stub_main.py"
+    stub.write_text("import os, sys, time\n"
+                    f"fd = os.open({str(tmp_path / 'calls')!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\n"
+                    "os.write(fd, (' '.join(sys.argv[1:]) + '\\n').encode())\n"
+                    f"time.sleep({sleep})\n")
+    return stub
+
+
+def _start_of(pid):
+    """A process's start time as /proc gives it (None where there is no /proc, or once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+
+
+def _sweep_args(workdir, logs, *args):
+    return ["--model", "demo-micro", "--methods", "TA", "--logs", str(logs), *args, "--", "--base_dir", str(workdir),
+            *SWEEP_FLAGS]
+
+
+def test_runs_held_by_a_live_local_launcher_are_skipped_and_a_dead_ones_claim_is_void(workdir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    logs = tmp_path / "logs"
+    runs = sweep.sweep_runs("demo-micro", ["TA"], extra=["--logs", str(logs), "--base_dir", str(workdir),
+                                                         *SWEEP_FLAGS])
+    todo, _ = sweep.pending(runs, False)
+    key = {run.label: run.key for run in todo}
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        jobs = logs / "demo-micro" / "sweep"
+        for pid, labels in ((live.pid, ["zeroshot", "finetuned"]), (dead.pid, ["TA"])):
+            utils.append_jsonl(jobs / "submitted.jsonl", {"launcher": "local", "pid": pid, "host": socket.gethostname(),
+                                                          "start": _start_of(pid),
+                                                          "runs": [key[label] for label in labels]})
+        monkeypatch.setattr(sweep, "MAIN", _stub_main(tmp_path))
+        assert sweep.main(_sweep_args(workdir, logs, "--launcher", "local", "--no-table")) == 0
+    finally:
+        live.kill()
+        live.wait()
+    out = capsys.readouterr().out
+    assert f"zeroshot is held by the local launcher pid {live.pid}" in out and "4 runs: 0 already in" in out
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert sorted(c.split("--merge ")[1].split(" --")[0] for c in calls) == ["TA", "TA"]  # TA and TA+SVC
+    records = utils.read_jsonl(jobs / "submitted.jsonl")
+    mine = [r for r in records if r.get("pid") == os.getpid()]
+    assert sorted(mine[0]["runs"]) == sorted([key["TA"], key["TA+SVC"]]) and mine[-1]["released"] is True
+    # the launcher that held them is gone now: its claim is void, and a dry run would run them
+    assert sweep.main(_sweep_args(workdir, logs, "--launcher", "local", "--dry-run")) == 0
+    assert capsys.readouterr().out.count("python main.py") == 4
+
+
+@pytest.mark.process
+def test_two_local_launchers_started_together_run_each_run_once(workdir, tmp_path):
+    stub = _stub_main(tmp_path, sleep=12)  # the second launcher plans while the first one's runs are running
+    code = "import sys; from pathlib import Path; from src import sweep; sweep.MAIN = Path(sys.argv[1]); " \
+           "sys.exit(sweep.main(sys.argv[2:]))"
+    argv = [sys.executable, "-c", code, str(stub), *_sweep_args(workdir, tmp_path / "logs", "--launcher", "local",
+                                                                "--workers", "4", "--no-table")]
+    launchers = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], outputs
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 4 and len(set(calls)) == 4, calls
+    assert sum(out.count("is held by the local launcher") for out in outputs) == 4, outputs
