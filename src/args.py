@@ -263,7 +263,13 @@ def validate(args) -> None:
     _check_writable(Path(args.logs) / args.model, f"--logs {args.logs}")
     for name in ("results.jsonl", "individual_accuracies.json"):
         file = Path(args.logs) / args.model / name
-        if file.is_dir() or (file.exists() and not os.access(file, os.W_OK)):
+        # a FIFO, a device, a directory (or a symlink to one) as the file or its lock: reading would block or never
+        # end, and the results line would be lost after the evaluation
+        try:
+            utils.check_regular_file(file, "remove it or move it away, or give another --logs")
+        except utils.NotRegularFileError as err:
+            raise ValueError(f"--logs {args.logs}: {file} cannot be written: {err}") from None
+        if file.exists() and not os.access(file, os.W_OK):
             raise ValueError(f"--logs {args.logs}: {file} cannot be written; give another --logs")
     check_save_path(args)
     for warning in ignored_flags(args, merge):

@@ -673,8 +673,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {path}; now run: python -m src.results {path.parent} --reference")
         else:
             import utils
+            from src.results import row_problem  # the one shape check of a results line
 
             for lineno, row in utils.iter_jsonl(args.check):
+                problem = row_problem(row)
+                if problem:
+                    print(f"warning: {args.check}:{lineno}: skipped line ({problem})", file=sys.stderr)
+                    continue
                 print(f"{args.check}:{lineno}: {row.get('merge')}")
                 for line in setup_check(row, args.tolerance, data):
                     print(f"  {line}")

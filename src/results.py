@@ -17,6 +17,8 @@ the averages and a source label (footnotes cite each source in full); zero-shot 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import math
 import sys
@@ -24,6 +26,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 import utils
@@ -39,9 +42,10 @@ SVC_FIELDS = ("svc_keys", "svc_target", "svc_row_space", "svc_dtype")  # logged 
 def results_files(path: str | Path) -> list[Path]:
     """results.jsonl files for a file, a logs/<model> folder, or a logs folder holding model folders."""
     path = Path(path)
-    if path.is_file():
+    # anything but a folder is the file itself: a FIFO or a device is refused by the reader, not taken for a folder
+    if path.exists() and not path.is_dir():
         return [path]
-    if (path / RESULTS_FILE).is_file():
+    if (path / RESULTS_FILE).exists():
         return [path / RESULTS_FILE]
     found = sorted(path.glob(f"*/{RESULTS_FILE}")) if path.is_dir() else []
     if not found:
@@ -52,19 +56,66 @@ def results_files(path: str | Path) -> list[Path]:
     return found
 
 
-def _row_problem(row: object) -> str | None:
-    """Why a parsed line cannot be used, or None."""
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_OPTIONAL = {  # field -> (check of a value other than None, what it should be), for every field the readers use
+    **{name: (lambda v: isinstance(v, str), "a string") for name in (
+        "model", "layout", "convention", "checkpoints", "source", "svc_keys", "svc_dtype", "scaling_coef_grid_name")},
+    **{name: (lambda v: isinstance(v, bool), "true or false") for name in ("svc", "svc_row_space")},
+    **{name: (lambda v: isinstance(v, dict), "an object") for name in ("options", "data", "request")},
+    **{name: (lambda v: _is_number(v) or v == "auto", "a finite number or 'auto'") for name in ("alpha", "scaling_coef")},
+    **{name: (_is_number, "a finite number") for name in ("alpha_selected", "scaling_coef_selected")},
+    **{name: (lambda v: isinstance(v, list) and all(map(_is_number, v)), "a list of finite numbers")
+       for name in ("alpha_grid", "scaling_coef_grid")},
+    "tasks": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of task names"),
+    "svc_target": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a task index"),
+    "avg": (_is_number, "a finite number"),
+    "normalized": (lambda v: _is_number(v) or (isinstance(v, dict) and all(map(_is_number, v.values()))),
+                   "a finite number or an object of finite numbers"),
+    **{name: (lambda v: isinstance(v, list) and all(_curve_point(p) for p in v), "a list of {coef, avg, normalized} "
+              "points with numbers") for name in ("alpha_curve", "scaling_coef_curve")},
+}
+_RESERVED = {"label", AVG, NORM}  # the table's own columns: a dataset of that name would overwrite them
+
+
+def _curve_point(point: object) -> bool:
+    """A validation-curve point as src.tuning stores it and src.plots reads it."""
+    return (isinstance(point, dict) and _is_number(point.get("coef"))
+            and all(point.get(k) is None or isinstance(point[k], (int, float)) and not isinstance(point[k], bool)
+                    for k in ("avg", "normalized")))
+
+
+def row_problem(row: object) -> str | None:
+    """Why a parsed results line cannot be used, or None: the one shape check of a results line, covering every
+    field that src.results, src.plots and src.published read (a field may be missing or null, never ill-typed)."""
     if not isinstance(row, dict):
         return "not a JSON object"
-    if not isinstance(row.get("merge"), str):
+    if not isinstance(row.get("merge"), str) or not row["merge"]:
         return "no 'merge' name"
     acc = row.get("accuracy")
     if not isinstance(acc, dict) or not acc:
         return "no 'accuracy' object"
     for task, value in acc.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return f"accuracy of {task!r} is not a finite number: {value!r}"
+        if not _is_number(value):
+            return f"accuracy of {task!r} is not a finite number: {_short(value)}"
+        if task in _RESERVED:
+            return f"accuracy of a dataset named {task!r}, a column of the table"
+    for name, value in row.items():  # the fields the line has (a short line: a few lookups)
+        spec = _OPTIONAL.get(name)
+        if spec is not None and value is not None and not spec[0](value):
+            return f"{name!r} is not {spec[1]}: {_short(value)}"
     return None
+
+
+_row_problem = row_problem  # its former name
+
+
+def _short(value: object) -> str:
+    """repr of a value, cut short: a warning stays one line even for a 3 MB field."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_results(path: str | Path) -> list[dict]:
@@ -73,7 +124,7 @@ def load_results(path: str | Path) -> list[dict]:
     rows = []
     for file in results_files(path):
         for lineno, row in utils.iter_jsonl(file):
-            problem = _row_problem(row)
+            problem = row_problem(row)
             if problem:
                 warnings.warn(f"{file}:{lineno}: skipped line ({problem})")
                 continue
@@ -170,9 +221,10 @@ def _label_parts(config: dict, differing: set[str]) -> list[str]:
     if "alpha" in differing:
         parts.append(f"alpha={_fmt(config['alpha'])}")
     parts += [f"{k.removeprefix('svc_')}={_fmt(config.get(k))}" for k in SVC_FIELDS if k in differing]
-    for key in sorted(k for k in differing if k.startswith("options.")):
-        value = json.loads(config["options"]).get(key[len("options."):], "-")
-        parts.append(f"{key[len('options.'):]}={_fmt(value)}")
+    option_keys = sorted(k for k in differing if k.startswith("options."))
+    options = json.loads(config["options"]) if option_keys else {}  # parsed once: a line may have many options
+    for key in option_keys:
+        parts.append(f"{key[len('options.'):]}={_fmt(options.get(key[len('options.'):], '-'))}")
     return parts
 
 
@@ -190,8 +242,17 @@ def label_configs(configs: list[dict]) -> list[str]:
             for k, v in json.loads(c.pop("options", "{}")).items():
                 c[f"options.{k}"] = json.dumps(v, sort_keys=True)
             flat.append(c)
-        keys = set().union(*flat)
-        differing = {k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1}
+        # one pass over every field of every configuration (linear): a field differs when it takes two values,
+        # a missing field counting as null
+        values: dict[str, set[str]] = {}
+        for f in flat:
+            for k, v in f.items():
+                values.setdefault(k, set()).add(json.dumps(v, sort_keys=True, default=str))
+        counts: dict[str, int] = {}
+        for f in flat:
+            for k in f:
+                counts[k] = counts.get(k, 0) + 1
+        differing = {k for k, seen in values.items() if len(seen | ({"null"} if counts[k] < len(flat) else set())) > 1}
         for i in idx:
             parts = _label_parts(configs[i], differing)
             labels[i] = f"{base} ({', '.join(parts)})" if parts else base
@@ -219,39 +280,53 @@ class Table:
     def best(self, decimals: int = 2) -> pd.DataFrame:
         """Boolean mask: best mean per column among non-reference rows (ties at display precision all marked)."""
         mask = pd.DataFrame(False, index=self.mean.index, columns=self.mean.columns)
-        candidates = [r for r in self.mean.index if r not in self.reference]
-        for col in self.mean.columns:
-            values = self.mean.loc[candidates, col].dropna().round(decimals)
-            if len(values):
-                mask.loc[values.index[values == values.max()], col] = True
+        reference = set(self.reference)
+        candidates = [r for r in self.mean.index if r not in reference]
+        if candidates:  # whole-frame operations: a per-column loop costs seconds per 10^4 datasets
+            values = self.mean.loc[candidates].round(decimals)
+            mask.loc[candidates] = (values.eq(values.max(axis=0)) & values.notna()).to_numpy()
         return mask
 
 
-def _normalized(row: dict, finetuned: dict[str, float]) -> float:
-    """Average normalised accuracy (%) of one run: logged value, else acc / fine-tuned acc."""
+def _logged_normalized(row: dict) -> float | None:
+    """The normalised accuracy a run logged (a number, or per dataset), or None."""
     logged = row.get("normalized")
     if isinstance(logged, dict) and logged:
         return sum(logged.values()) / len(logged)
     if isinstance(logged, (int, float)) and not isinstance(logged, bool):
         return float(logged)
+    return None
+
+
+def _normalized(row: dict, finetuned: dict[str, float]) -> float:
+    """Average normalised accuracy (%) of one run: logged value, else acc / fine-tuned acc (NaN when a
+    dataset has no fine-tuned accuracy, or one of 0: a line of its own never divides by zero)."""
+    logged = _logged_normalized(row)
+    if logged is not None:
+        return logged
     acc = row["accuracy"]
-    if all(t in finetuned for t in acc):
+    if all(finetuned.get(t, 0) > 0 for t in acc):
         return sum(100.0 * a / finetuned[t] for t, a in acc.items()) / len(acc)
     return math.nan
+
+
+def _same_data(row: dict) -> dict[str, tuple]:
+    """Per dataset of a run: what a fine-tuned run must share to normalise it (model, checkpoint files, the
+    dataset and its data provenance); the provenance is serialised once per dataset that has one."""
+    model, checkpoints, data = row.get("model"), row.get("checkpoints"), row.get("data") or {}
+    return {t: (model, checkpoints, t, json.dumps(data[t], sort_keys=True) if t in data else "null")
+            for t in row["accuracy"]}
 
 
 def row_scores(rows: list[dict]) -> list[dict[str, float]]:
     """Per run: {Avg: mean accuracy, Avg (norm.): normalised accuracy}. Runs that did not
     log `normalized` are normalised by the mean fine-tuned accuracy of the same model, checkpoint
     files and data (source, split, convention) found in `rows` (NaN when a dataset has none)."""
-    def same(r: dict, t: str) -> tuple:  # fine-tuned rows of other checkpoints or data never normalise a run
-        return r.get("model"), r.get("checkpoints"), t, json.dumps((r.get("data") or {}).get(t), sort_keys=True)
-
     ft: dict[tuple, list[float]] = {}
-    for r in rows:
+    for r in rows:  # fine-tuned rows of other checkpoints or data never normalise a run
         if r["merge"] == "finetuned":
-            for t, a in r["accuracy"].items():
-                ft.setdefault(same(r, t), []).append(float(a))
+            for t, same in _same_data(r).items():
+                ft.setdefault(same, []).append(float(r["accuracy"][t]))
     ft_mean = {k: sum(v) / len(v) for k, v in ft.items()}
     scores = []
     for r in rows:
@@ -261,7 +336,9 @@ def row_scores(rows: list[dict]) -> list[dict[str, float]]:
         if isinstance(logged, (int, float)) and abs(logged - avg) > 5e-3:
             warnings.warn(f"{r['merge']} run of {r.get('time', '?')}: logged avg {logged} != mean of its "
                           f"accuracies {avg:.4f}; using the latter")
-        finetuned = {t: ft_mean[same(r, t)] for t in acc if same(r, t) in ft_mean}
+        finetuned = {}
+        if ft_mean and _logged_normalized(r) is None:  # only looked up when needed
+            finetuned = {t: ft_mean[same] for t, same in _same_data(r).items() if same in ft_mean}
         norm = _normalized(r, finetuned)
         if 0 < norm <= 1.5 and avg > 1.5:
             warnings.warn(f"{r['merge']} run of {r.get('time', '?')}: normalized accuracy {norm:.4f} looks like a "
@@ -276,36 +353,54 @@ def summarize(rows: list[dict]) -> Table:
         raise ValueError("no usable results rows")
     configs = [config_of(r) for r in rows]
     keys = [json.dumps(c, sort_keys=True, default=str) for c in configs]
-    unique = list(dict.fromkeys(keys))
-    labels = dict(zip(unique, label_configs([configs[keys.index(k)] for k in unique])))
+    first: dict[str, int] = {}  # configuration -> its first row (dicts and sets throughout: linear in the logs)
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    unique = list(first)
+    labels = dict(zip(unique, label_configs([configs[first[k]] for k in unique])))
 
-    datasets: list[str] = []
-    records = []
-    for r, key, score in zip(rows, keys, row_scores(rows)):
+    datasets: dict[str, None] = {}  # ordered set
+    for r in rows:
         acc = r["accuracy"]
-        tasks = r.get("tasks") or []
-        order = [t for t in tasks if t in acc] + [t for t in acc if t not in tasks]
-        datasets += [t for t in order if t not in datasets]
-        records.append({"label": labels[key], **acc, **score})
-
-    df = pd.DataFrame.from_records(records)
-    columns = datasets + [AVG, NORM]
-    grouped = df.groupby("label", sort=False)[columns]
+        for t in r.get("tasks") or []:
+            if t in acc:
+                datasets.setdefault(t)
+        for t in acc:
+            datasets.setdefault(t)
+    columns = list(datasets) + [AVG, NORM]
+    # one float matrix (rows x columns) filled in one vectorised assignment, grouped by configuration code:
+    # no per-column pandas work, which costs seconds per 10^4 datasets
+    position = {c: j for j, c in enumerate(columns)}
+    code = {k: c for c, k in enumerate(unique)}
+    at_row, at_col, value = [], [], []
+    for i, (r, score) in enumerate(zip(rows, row_scores(rows))):
+        for t, a in r["accuracy"].items():
+            at_row.append(i)
+            at_col.append(position[t])
+            value.append(a)
+        at_row += [i, i]
+        at_col += [position[AVG], position[NORM]]
+        value += [score[AVG], score[NORM]]
+    matrix = np.full((len(rows), len(columns)), np.nan)
+    matrix[np.asarray(at_row, dtype=np.int64), np.asarray(at_col, dtype=np.int64)] = np.asarray(value, dtype=float)
+    grouped = pd.DataFrame(matrix, columns=columns).groupby(np.fromiter((code[k] for k in keys), np.int64, len(keys)))
     refs = list(REFERENCE_LABELS)
-    ref_keys = sorted((k for k in unique if json.loads(k)["merge"] in refs), key=lambda k: refs.index(json.loads(k)["merge"]))
+    merge_of = {k: configs[first[k]]["merge"] for k in unique}
+    ref_keys = sorted((k for k in unique if merge_of[k] in refs), key=lambda k: refs.index(merge_of[k]))
     # methods in order of first appearance; each one's runs without SVC before those with it
-    merges = list(dict.fromkeys(json.loads(k)["merge"] for k in unique))
-    rest = sorted((k for k in unique if k not in ref_keys),
-                  key=lambda k: (merges.index(json.loads(k)["merge"]), bool(json.loads(k).get("svc"))))
+    merge_rank = {m: i for i, m in enumerate(dict.fromkeys(merge_of.values()))}
+    is_ref = set(ref_keys)
+    rest = sorted((k for k in unique if k not in is_ref),
+                  key=lambda k: (merge_rank[merge_of[k]], bool(configs[first[k]].get("svc"))))
     order = [labels[k] for k in ref_keys] + [labels[k] for k in rest]
-    mean = grouped.mean().reindex(order)
-    std = grouped.std(ddof=1).reindex(order)
-    n = grouped.size().reindex(order)
+    codes = [code[k] for k in ref_keys + rest]
+    index = pd.Index(order, name="label")
+    mean = grouped.mean().reindex(codes).set_axis(index)
+    std = grouped.std(ddof=1).reindex(codes).set_axis(index)
+    n = grouped.size().reindex(codes).set_axis(index)
     config_by_label = {lab: json.loads(key) for key, lab in labels.items()}
-    first = {}
-    for r, key in zip(rows, keys):
-        first.setdefault(labels[key], r)
-    return Table(mean=mean, std=std, n=n, configs=config_by_label, reference=order[: len(ref_keys)], rows=first)
+    first_row = {labels[k]: rows[i] for k, i in first.items()}
+    return Table(mean=mean, std=std, n=n, configs=config_by_label, reference=order[: len(ref_keys)], rows=first_row)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -399,19 +494,24 @@ def render(table: Table, fmt: str = "markdown", decimals: int = 2, reference: bo
     header += [DELTA, PUBLISHED] if reference else []
     body = []
     end_of_references = -1  # index of the last body line of the reference block
-    for label in table.mean.index:
+    columns = list(table.mean.columns)
+    # plain arrays: a pandas lookup per cell costs seconds per 10^4 datasets
+    means, stds, marks = table.mean.to_numpy(float), table.std.to_numpy(float), best.to_numpy(bool)
+    bold = {"markdown": "**{}**", "csv": "{}*", "latex": r"\textbf{{{}}}"}[fmt]
+    for i, label in enumerate(table.mean.index):
         m = matches.get(label)
-        ours = {c: v for c, v in table.mean.loc[label].items() if c not in (AVG, NORM) and not math.isnan(v)}
+        ours = {c: v for c, v in zip(columns, means[i].tolist()) if c not in (AVG, NORM) and not math.isnan(v)}
         off = m.deviations(ours, tolerance) if m is not None else {}
+        count = int(table.n[label])
         cells = []
-        for col in table.mean.columns:
-            text = _cell(table.mean.at[label, col], table.std.at[label, col], int(table.n[label]), decimals, pm)
-            if text and best.at[label, col]:
-                text = {"markdown": f"**{text}**", "csv": f"{text}*", "latex": rf"\textbf{{{text}}}"}[fmt]
+        for col, mean, std, mark in zip(columns, means[i].tolist(), stds[i].tolist(), marks[i].tolist()):
+            text = _cell(mean, std, count, decimals, pm)
+            if text and mark:
+                text = bold.format(text)
             if text and col in off:
                 text += "!"
             cells.append(text or ("" if fmt == "csv" else "-"))
-        row = [label] + cells + ([str(int(table.n[label]))] if show_n else [])
+        row = [label] + cells + ([str(count)] if show_n else [])
         if reference:
             row += ["", "" if m is not None and m.entry is not None else "no published number"]
         body.append(row)
@@ -422,7 +522,9 @@ def render(table: Table, fmt: str = "markdown", decimals: int = 2, reference: bo
     notes = _published_notes(table, matches, tolerance) if reference else []
 
     if fmt == "csv":
-        return pd.DataFrame(body, columns=header).to_csv(index=False) + "".join(f"# {n}\n" for n in notes)
+        out = io.StringIO()  # the csv module, as pandas' to_csv uses it, without pandas' per-column cost
+        csv.writer(out, lineterminator="\n").writerows([header, *body])
+        return out.getvalue() + "".join(f"# {n}\n" for n in notes)
     if fmt == "markdown":
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in body]
@@ -445,11 +547,30 @@ def render(table: Table, fmt: str = "markdown", decimals: int = 2, reference: bo
     return "\n".join(lines) + "\n"
 
 
+class _Parser(argparse.ArgumentParser):
+    """A refused argument is one line on stderr, ``python -m src.results: error: ...`` (exit code 2), without
+    the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def _decimals(text: str) -> int:
+    """argparse type of --decimals: 0 to 15 (a negative count was a traceback, a huge one an error deep inside)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of digits from 0 to 15, got {text!r}") from None
+    if not 0 <= value <= 15:
+        raise argparse.ArgumentTypeError(f"expected a whole number of digits from 0 to 15, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m src.results", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m src.results", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", nargs="?", default="logs", help="logs/<model>, a results.jsonl, or logs/ (all models)")
     parser.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
-    parser.add_argument("--decimals", type=int, default=2)
+    parser.add_argument("--decimals", type=_decimals, default=2, help="digits after the point, 0 to 15 (default 2)")
     parser.add_argument("--merge", nargs="+", help="only these merge methods (zero-shot/fine-tuned rows are kept)")
     parser.add_argument("--out", help="write the table to this file instead of stdout")
     parser.add_argument("--pool-checkpoints", action="store_true",
@@ -470,6 +591,8 @@ def main(argv: list[str] | None = None) -> None:
             rows = load_results(args.path)
         except FileNotFoundError as err:
             parser.error(str(err))
+        except utils.NotRegularFileError as err:  # a FIFO or /dev/zero: refused before reading, in one line
+            raise SystemExit(f"error: {err}") from None
         if args.merge:
             rows = [r for r in rows if r["merge"] in REFERENCE_LABELS or any(same_method(r["merge"], m) for m in args.merge)]
         if not rows:

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -186,10 +187,43 @@ def job_state(folder: Path, job_id: str) -> str:
     return submitit.SlurmJob(folder=str(folder / "%j"), job_id=job_id).state
 
 
+def _record_problem(record: dict) -> str | None:
+    """Why a line of submitted.jsonl cannot be used, or None."""
+    runs = record.get("runs")
+    if not isinstance(runs, list) or not all(isinstance(k, str) for k in runs):
+        return "'runs' is not a list of run keys"
+    if "job_id" in record:
+        job_id = record["job_id"]
+        ok = isinstance(job_id, str) and job_id.strip() or isinstance(job_id, int) and not isinstance(job_id, bool)
+        return None if ok else "'job_id' is not a Slurm job id"
+    if record.get("launcher") == "local":
+        pid, host = record.get("pid"), record.get("host")
+        if not (isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and isinstance(host, str)):
+            return "a local launcher's record without a 'pid' and a 'host'"
+        if not isinstance(record.get("start"), (str, type(None))) or not isinstance(record.get("released", False), bool):
+            return "a local launcher's record with an ill-typed 'start' or 'released'"
+        return None
+    return "neither a Slurm 'job_id' nor a local launcher's record"
+
+
+def submitted_records(folder: Path) -> list[dict]:
+    """The usable records of <folder>/submitted.jsonl; a damaged line is skipped with a warning naming file:line
+    (it never stops a sweep, not even --dry-run)."""
+    path = folder / SUBMITTED
+    records = []
+    for lineno, record in utils.iter_jsonl(path):
+        problem = _record_problem(record)
+        if problem:
+            warnings.warn(f"{path}:{lineno}: skipped line ({problem})")
+        else:
+            records.append(record)
+    return records
+
+
 def in_flight(folder: Path, keys: set[str]) -> dict[str, str]:
     """run key -> Slurm job id, for those of `keys` whose job, submitted earlier (e.g. with
     --no-wait), is still pending or running: submitting them again would run them twice."""
-    records = [r for r in utils.read_jsonl(folder / SUBMITTED) if keys & set(r.get("runs", []))]
+    records = [r for r in submitted_records(folder) if "job_id" in r and keys & set(r["runs"])]
     if not records:
         return {}
     try:
@@ -201,8 +235,89 @@ def in_flight(folder: Path, keys: set[str]) -> dict[str, str]:
         job_id = str(record.get("job_id"))
         state = job_state(folder, job_id).upper().split() or ["UNKNOWN"]  # e.g. "CANCELLED by 123"
         if state[0] in ACTIVE:
-            busy.update({k: job_id for k in record.get("runs", [])})
+            busy.update({k: job_id for k in record["runs"]})
     return busy
+
+
+# ----------------------------------------------------------------------------- local launchers' claims
+# A local launcher records the runs it starts in submitted.jsonl, under the file's lock ({"launcher": "local",
+# "pid", "host", "start", "runs"}), and a release line when it ends ({..., "released": true}). Another launcher on
+# the same logs skips the runs a live one holds. A claim is void once released, or when its process is gone
+# (same host: the pid is dead, or was reused by a process started at another time); a claim made on another host
+# cannot be checked from here and holds until released.
+def _process_start(pid: int) -> str | None:
+    """Start time of process ``pid`` in clock ticks since boot (Linux /proc), or None where it cannot be read:
+    with the pid, it tells a launcher from a later process that reused its pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22, after comm
+    except (OSError, IndexError):
+        return None
+
+
+def this_launcher() -> dict:
+    """The identity this process claims runs under."""
+    return {"launcher": "local", "pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+
+
+def _identity(record: dict) -> tuple:
+    return record["host"], record["pid"], record.get("start")
+
+
+def _alive(record: dict) -> bool:
+    """Whether the launcher of a claim may still be running (see above)."""
+    if record["host"] != socket.gethostname():
+        return True
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    start, now = record.get("start"), _process_start(record["pid"])
+    return start is None or now is None or start == now
+
+
+def held_runs(folder: Path, keys: set[str]) -> dict[str, dict]:
+    """run key -> the claim of another live local launcher holding it, for those of ``keys`` held."""
+    records = [r for r in submitted_records(folder) if r.get("launcher") == "local"]
+    released = {_identity(r) for r in records if r.get("released")}
+    me, alive, held = _identity(this_launcher()), {}, {}
+    for record in records:
+        who = _identity(record)
+        if record.get("released") or who in released or who == me or not keys & set(record["runs"]):
+            continue
+        if who not in alive:
+            alive[who] = _alive(record)
+        if alive[who]:
+            held.update({k: record for k in record["runs"] if k in keys})
+    return held
+
+
+def _done_keys(results: Path) -> set[str]:
+    """Keys of the runs results.jsonl holds (as pending() builds them)."""
+    return {json.dumps({"request": r.get("request"), "checkpoints": r.get("checkpoints")}, sort_keys=True, default=str)
+            for r in utils.read_jsonl(results, warn=False) if isinstance(r.get("request"), dict)}
+
+
+def claim_runs(folder: Path, runs: list[Run], results: Path | None = None) -> tuple[list[Run], dict[str, dict]]:
+    """(runs this launcher now holds, run key -> claim of another live launcher): under the lock of
+    submitted.jsonl, the runs another live local launcher holds (and, with ``results``, those that results.jsonl
+    gained since they were planned) are dropped and the rest recorded as this process's, in one step, so two
+    launchers started together never both run a run."""
+    path = folder / SUBMITTED
+    with utils.locked(path):
+        held = held_runs(folder, {r.key for r in runs})
+        done = _done_keys(results) if results is not None else set()
+        mine = [r for r in runs if r.key not in held and r.key not in done]
+        if mine:
+            utils.append_jsonl(path, {**this_launcher(), "runs": [r.key for r in mine],
+                                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, lock_held=True)
+    return mine, held
+
+
+def release_runs(folder: Path) -> None:
+    """This launcher's claims end: its runs are done, failed or interrupted."""
+    utils.append_jsonl(folder / SUBMITTED, {**this_launcher(), "runs": [], "released": True})
 
 
 def logs_dir(model: str, extra: list[str]) -> Path:
@@ -264,6 +379,16 @@ def unfinished(runs: list[Run]) -> list[Run]:
     return kept
 
 
+def check_files(folder: Path, jobs: Path) -> None:
+    """Refuse, before any work, a results, cache or job record file (or its lock) that is a FIFO, a device or a
+    folder: reading it would block or never end, and the runs' results would be lost after the work."""
+    for file in (folder / "results.jsonl", folder / "individual_accuracies.json", jobs / SUBMITTED):
+        try:
+            utils.check_regular_file(file)
+        except utils.NotRegularFileError as err:
+            raise SystemExit(f"error: {err}") from None
+
+
 def ensure_demo_zoo(model: str, extra: list[str]) -> None:
     """Demo models: build the checkpoint zoo once here, not in every concurrent job."""
     if model.startswith("demo"):
@@ -281,6 +406,8 @@ def print_table(folder: Path) -> bool:
     try:
         results.main([str(folder), "--reference"])
     except SystemExit as err:
+        if isinstance(err.code, str):  # a refusal (e.g. a results file that is a FIFO): say why
+            print(err.code, file=sys.stderr)
         return not err.code
     return True
 
@@ -344,20 +471,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs-per-job and --workers must be at least 1")
     params = slurm_parameters(args, args.model) if args.launcher == "slurm" else {}
     jobs = Path(args.folder) if args.folder else folder / "sweep"
+    check_files(folder, jobs)
     # no submitit, no Slurm, a wrong sbatch parameter: said before any work
     executor = slurm_executor(jobs, params) if args.launcher == "slurm" and not args.dry_run else None
 
     ensure_demo_zoo(args.model, extra)
+    claimed = args.launcher == "local" and not args.dry_run
     with warnings.catch_warnings(record=True) as caught:  # a damaged results line: say it once, not per run
         warnings.simplefilter("always")
         todo, done = pending(runs, args.force)
+        busy = in_flight(jobs, {run.key for run in todo})
+        todo_here = [run for run in todo if run.key not in busy]
+        if claimed and todo_here:  # atomically: what another live local launcher holds is skipped, the rest is ours
+            mine, held = claim_runs(jobs, todo_here, None if args.force else folder / "results.jsonl")
+        else:
+            mine, held = todo_here, held_runs(jobs, {run.key for run in todo_here})
+            mine = [run for run in mine if run.key not in held]
     for message in dict.fromkeys(str(w.message) for w in caught):
         print(f"warning: {message}", file=sys.stderr)
-    busy = in_flight(jobs, {run.key for run in todo})
     for run in todo:
         if run.key in busy:
             print(f"not submitted: {run.label} is in Slurm job {busy[run.key]}, still pending or running", flush=True)
-    todo = [run for run in todo if run.key not in busy]
+        elif run.key in held:
+            h = held[run.key]
+            print(f"not submitted: {run.label} is held by the local launcher pid {h['pid']} on {h['host']} "
+                  f"(since {h.get('time', '?')}), still running; if it is not, remove its lines from "
+                  f"{jobs / SUBMITTED}", flush=True)
+    todo = mine
     print(f"{len(runs)} runs: {len(done)} already in {folder / 'results.jsonl'}, "
           f"{len(runs) - len(done) - len(todo)} in flight or duplicates, {len(todo)} to run", flush=True)
     groups = [todo[i:i + args.runs_per_job] for i in range(0, len(todo), args.runs_per_job)]
@@ -372,8 +512,11 @@ def main(argv: list[str] | None = None) -> int:
     if groups:
         start = time.time()
         if args.launcher == "local":
-            outcomes = launch_local(groups, jobs / f"local_{time.strftime('%Y%m%d_%H%M%S')}_{os.getpid()}",
-                                    args.workers or 1)
+            try:
+                outcomes = launch_local(groups, jobs / f"local_{time.strftime('%Y%m%d_%H%M%S')}_{os.getpid()}",
+                                        args.workers or 1)
+            finally:  # also on Ctrl-C or an error: the runs are no longer held
+                release_runs(jobs)
         else:
             outcomes = launch_slurm(groups, executor, jobs, wait=not args.no_wait)
             if args.no_wait:
