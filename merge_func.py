@@ -261,26 +261,29 @@ def _orthogonal_merge(u_blocks: Tensor, s_blocks: Tensor, vh_blocks: Tensor, iso
     return u_o.mul_((s_blocks.mean() if isotropic else s_blocks).float()) @ vh_o
 
 
-def _per_task_triplets(d: Tensor, decompose: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]],
-                       rank: int) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """``decompose`` (a Gram-route function of a batch of matrices) for each task of ``d``
-    (K x m x n): all K in one batched call on CUDA, one at a time on CPU (memory). An all-zero
-    matrix takes the plain SVD's leading ``rank`` triplets instead: LAPACK returns identity
-    columns there, and TSV-M and Iso-CTS feed those vectors into their polar factors."""
+def _fill_blocks(d: Tensor, decompose: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], rank: int,
+                 u_cat: Tensor, s_cat: Tensor, vh_cat: Tensor, batched: bool | None = None) -> None:
+    """Write ``decompose`` (a Gram-route function of a batch of matrices) of each task i of ``d``
+    (K x m x n) into slots ``[i * rank, (i + 1) * rank)`` of the concatenated blocks: all K
+    in one batched call (default on CUDA), else one task at a time (memory). An all-zero matrix takes
+    the plain SVD's leading triplets instead: LAPACK returns identity columns there, and TSV-M
+    and Iso-CTS feed those vectors into their polar factors."""
+    def put(i: int, u: Tensor, s: Tensor, vh: Tensor) -> None:
+        sl = slice(i * rank, (i + 1) * rank)
+        u_cat[:, sl], s_cat[sl], vh_cat[sl] = u[:, :rank], s[:rank], vh[:rank]
+
     zero = [not bool(x.any()) for x in d]
     todo = [i for i, z in enumerate(zero) if not z]
-    out: list = [None] * d.shape[0]
-    if d.device.type == "cuda" and todo:
+    batched = d.device.type == "cuda" if batched is None else batched
+    if batched and todo:
         u, s, vh = decompose(d[todo])
         for j, i in enumerate(todo):
-            out[i] = (u[j], s[j], vh[j])
-    for i in [] if d.device.type == "cuda" else todo:
+            put(i, u[j], s[j], vh[j])
+    for i in [] if batched else todo:
         u, s, vh = decompose(d[i:i + 1])  # a view: no copy of the task's matrix
-        out[i] = (u[0], s[0], vh[0])
+        put(i, u[0], s[0], vh[0])
     for i in (i for i, z in enumerate(zero) if z):
-        u, s, vh = svd(d[i])
-        out[i] = (u[:, :rank].double(), s[:rank].double(), vh[:rank].double())
-    return out
+        put(i, *svd(d[i]))
 
 
 def tsvm_rank(k: int, fraction: float) -> int:
@@ -334,8 +337,7 @@ def tsv_merge(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, tsvm_
         if decomposition == "gram":
             u_cat, s_cat = d.new_zeros(m, k, dtype=torch.float64), d.new_zeros(k, dtype=torch.float64)
             vh_cat = d.new_zeros(k, n, dtype=torch.float64)
-            for i, (u, s, vh) in enumerate(_per_task_triplets(d, lambda x: gram_svd(x, r), r)):
-                u_cat[:, i * r:(i + 1) * r], s_cat[i * r:(i + 1) * r], vh_cat[i * r:(i + 1) * r] = u, s, vh
+            _fill_blocks(d, lambda x: gram_svd(x, r), r, u_cat, s_cat, vh_cat)
             return (scaling_coef * _orthogonal_merge(u_cat, s_cat, vh_cat, False, "gram")).cpu()
         u_cat, s_cat, vh_cat = d.new_zeros(m, k), d.new_zeros(k), d.new_zeros(k, n)
         for i in range(n_tasks):  # unfilled slots stay zero, as in the original
@@ -426,16 +428,14 @@ def iso_cts(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, iso_com
         k = min(m, n)
         common, per_task = iso_cts_dims(k, n_tasks, iso_common_fraction)
         if decomposition == "gram":
-            u_c, s_c, vh_c = gram_svd(d.sum(0), common)
             u_cat, s_cat = d.new_zeros(m, k, dtype=torch.float64), d.new_zeros(k, dtype=torch.float64)
             vh_cat = d.new_zeros(k, n, dtype=torch.float64)
-            if per_task:  # the residual of an all-zero task is all zero: the plain SVD's vectors
-                blocks = _per_task_triplets(d, lambda x: projected_svd(x, u_c, per_task), per_task)
-                for i, (ui, si, vhi) in enumerate(blocks):
-                    sl = slice(i * per_task, (i + 1) * per_task)
-                    u_cat[:, sl], s_cat[sl], vh_cat[sl] = ui, si, vhi
             base = n_tasks * per_task
-            u_cat[:, base:base + common], s_cat[base:base + common], vh_cat[base:base + common] = u_c, s_c, vh_c
+            u_cat[:, base:base + common], s_cat[base:base + common], vh_cat[base:base + common] = \
+                gram_svd(d.sum(0), common)
+            if per_task:  # the residual of an all-zero task is all zero: the plain SVD's vectors
+                u_c = u_cat[:, base:base + common]
+                _fill_blocks(d, lambda x: projected_svd(x, u_c, per_task), per_task, u_cat, s_cat, vh_cat)
             return (scaling_coef * _orthogonal_merge(u_cat, s_cat, vh_cat, True, "gram")).cpu()
         u, s, vh = svd(d.sum(0))
         u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]

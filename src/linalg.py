@@ -86,9 +86,11 @@ def _use_scipy(t: Tensor, backend: str | None) -> bool:
     return backend != "torch" and t.device.type == "cpu" and _scipy_blas_control() is not None
 
 
-def _scipy_eigh(sym: Tensor, top: int) -> tuple[Tensor, Tensor] | None:
-    """Leading ``top`` eigenpairs (descending) of each k x k matrix in ``sym`` by LAPACK:
-    dsyevr for a small subset, dsyevd for most or all of them (None: no convergence)."""
+def _scipy_eigh(sym: Tensor, top: int, overwrite: bool, descending: bool) -> tuple[Tensor, Tensor] | None:
+    """Leading ``top`` eigenpairs of each k x k matrix in ``sym`` (lower triangle) by LAPACK:
+    dsyevr for a small subset, dsyevd for most or all of them (None: no convergence).
+    ``overwrite``: LAPACK may use a float64 ``sym`` as its workspace (then a failure is an
+    error: nothing is left to retry on); ``descending=False`` leaves LAPACK's ascending order."""
     import numpy as np
     import scipy.linalg
 
@@ -99,28 +101,37 @@ def _scipy_eigh(sym: Tensor, top: int) -> tuple[Tensor, Tensor] | None:
     try:
         with _scipy_blas_control().limit(limits=torch.get_num_threads(), user_api="blas"):
             for a in flat:
-                w, v = scipy.linalg.eigh(a, check_finite=False, **subset)
-                vals.append(np.ascontiguousarray(w[::-1][:top]))
-                vecs.append(np.ascontiguousarray(v[:, ::-1][:, :top]))
-    except (np.linalg.LinAlgError, ValueError):  # no convergence: torch's solver decides
-        return None
+                w, v = scipy.linalg.eigh(a, check_finite=False, overwrite_a=overwrite, **subset)
+                if descending or top < k:  # copies: torch takes no negative strides
+                    w, v = w[::-1][:top].copy(), v[:, ::-1][:, :top].copy()
+                vals.append(torch.from_numpy(w))
+                vecs.append(torch.from_numpy(v))
+                del w, v
+    except np.linalg.LinAlgError as err:  # no convergence (finite input: not seen in practice)
+        if overwrite:
+            raise RuntimeError(f"LAPACK eigensolver did not converge on a {k} x {k} Gram matrix: {err}") from err
+        return None  # torch's solver decides
+    if len(vecs) == 1:
+        return vals[0].reshape(*sym.shape[:-2], top), vecs[0].reshape(*sym.shape[:-2], k, top)
     batch = sym.shape[:-2]
-    return (torch.from_numpy(np.stack(vals)).reshape(*batch, top).to(sym.dtype),
-            torch.from_numpy(np.stack(vecs)).reshape(*batch, k, top).to(sym.dtype))
+    return torch.stack(vals).reshape(*batch, top), torch.stack(vecs).reshape(*batch, k, top)
 
 
-def eigh_desc(sym: Tensor, top: int | None = None, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
+def eigh_desc(sym: Tensor, top: int | None = None, *, backend: str | None = None,
+              overwrite: bool = False, descending: bool = True) -> tuple[Tensor, Tensor]:
     """Eigenvalues in descending order and their eigenvectors (columns) of the symmetric
-    matrices ``sym`` (... x k x k; the lower triangle is read): all k, or the leading ``top``.
-    ``backend``: see ``EIGH_BACKEND`` (its default)."""
+    matrices ``sym`` (... x k x k; only the lower triangle is read): all k, or the leading
+    ``top``. ``backend``: see ``EIGH_BACKEND`` (its default); ``overwrite``: ``sym`` may be
+    destroyed; ``descending=False`` (all k only): any order, saving a reordering copy."""
     k = sym.shape[-1]
     top = k if top is None else max(0, min(int(top), k))
     if top and _use_scipy(sym, backend):
-        found = _scipy_eigh(sym, top)
+        found = _scipy_eigh(sym, top, overwrite and sym.dtype == torch.float64, descending)
         if found is not None:
             return found
     evals, evecs = torch.linalg.eigh(sym)  # ascending
-    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    if descending or top < k:
+        evals, evecs = evals.flip(-1), evecs.flip(-1)
     if top < k:
         evals, evecs = evals[..., :top], evecs[..., :top]
     return evals, evecs
@@ -140,10 +151,11 @@ def _chunks(x: Tensor, tall: bool):
         yield sl, (x[..., sl, :] if tall else x[..., :, sl]).double()
 
 
-def _gram(x: Tensor, backend: str | None = None, tall: bool | None = None) -> tuple[Tensor, bool]:
+def _gram(x: Tensor, backend: str | None = None, tall: bool | None = None, full: bool = False) -> tuple[Tensor, bool]:
     """float64 Gram matrix of ``x`` (... x m x n): ``x^T x`` if ``tall`` (default: m >= n, the
     shorter side) else ``x x^T``; and ``tall``. On the scipy branch by dsyrk (half a GEMM's
-    flops) over float64 chunks, else by one torch matmul in float64."""
+    flops) over float64 chunks, which fills the lower triangle only (all the eigensolvers
+    read) unless ``full``; else by one torch matmul in float64."""
     tall = x.shape[-2] >= x.shape[-1] if tall is None else tall
     if not (x.numel() and _use_scipy(x, backend)):
         x = x.double()
@@ -157,9 +169,15 @@ def _gram(x: Tensor, backend: str | None = None, tall: bool | None = None) -> tu
         for item in x.reshape(-1, *x.shape[-2:]):
             acc = np.zeros((short, short), order="F")
             for _, c in _chunks(item, tall):  # c.T is Fortran-ordered: dsyrk reads it in place
-                acc = dsyrk(1.0, c.numpy().T, beta=1.0, c=acc, trans=0 if tall else 1, overwrite_c=1)
-            upper = torch.from_numpy(acc)
-            grams.append(upper.triu() + upper.triu(1).mT)  # dsyrk fills the upper triangle
+                acc = dsyrk(1.0, c.numpy().T, beta=1.0, c=acc, trans=0 if tall else 1, lower=1, overwrite_c=1)
+            lower = torch.from_numpy(acc)  # the strict upper triangle is still zero
+            if full:
+                lower = lower + lower.mT
+                lower.diagonal().mul_(0.5)
+            grams.append(lower)
+            del acc
+    if len(grams) == 1:
+        return grams[0].reshape(*x.shape[:-2], short, short), tall
     return torch.stack(grams).reshape(*x.shape[:-2], short, short), tall
 
 
@@ -208,7 +226,9 @@ def gram_svd(x: Tensor, rank: int | Callable[[Tensor], int] | None = None, *, al
         raise ValueError("a rank chosen from the singular values needs one matrix, not a batch")
     all_values = all_values or callable(rank)
     gram, tall = _gram(x, backend)
-    evals, evecs = eigh_desc(gram, None if all_values or rank is None else int(rank), backend=backend)
+    evals, evecs = eigh_desc(gram, None if all_values or rank is None else int(rank), backend=backend,
+                             overwrite=True)
+    del gram
     sigma_all = evals.clamp_min(0).sqrt()
     r = max(0, min(rank(sigma_all) if callable(rank) else k if rank is None else int(rank), k))
     sigma, evecs = sigma_all[..., :r], evecs[..., :r]
@@ -217,9 +237,9 @@ def gram_svd(x: Tensor, rank: int | Callable[[Tensor], int] | None = None, *, al
     if bool(tiny.any()):
         evecs = evecs * (~tiny).unsqueeze(-2)
     if tall:
-        u, vh = _apply(x, evecs, True, backend) * inv.unsqueeze(-2), evecs.mT
+        u, vh = _apply(x, evecs, True, backend).mul_(inv.unsqueeze(-2)), evecs.mT
     else:
-        u, vh = evecs, _apply(x, evecs.mT, False, backend) * inv.unsqueeze(-1)
+        u, vh = evecs, _apply(x, evecs.mT, False, backend).mul_(inv.unsqueeze(-1))
     return u, (sigma_all if all_values else sigma), vh
 
 
@@ -234,11 +254,16 @@ def gram_polar(x: Tensor, rtol: float | None = None, *, backend: str | None = No
     k = min(x.shape[-2:])
     rtol = max(k, 1) * torch.finfo(torch.float64).eps if rtol is None else rtol
     gram, tall = _gram(x, backend)
-    evals, evecs = eigh_desc(gram, backend=backend)
-    keep = evals > evals[..., :1] * rtol
-    scale = torch.where(keep, evals.where(keep, torch.ones_like(evals)).rsqrt(), torch.zeros_like(evals))
-    inv_sqrt = (evecs * scale.unsqueeze(-2)) @ evecs.mT
-    return _apply(x, inv_sqrt, tall, backend, dtype), evals.clamp_min(0).sqrt()
+    evals, evecs = eigh_desc(gram, backend=backend, overwrite=True, descending=False)
+    del gram
+    keep = evals > evals.amax(-1, keepdim=True) * rtol
+    # (x^T x)^(-1/2) = W W^T with W = V diag(lambda^(-1/4)): scaled in place, one product
+    quarter = torch.where(keep, evals.where(keep, torch.ones_like(evals)).pow(-0.25), torch.zeros_like(evals))
+    evecs.mul_(quarter.unsqueeze(-2))
+    inv_sqrt = evecs @ evecs.mT
+    del evecs
+    sigma = evals.clamp_min(0).sqrt().sort(-1, descending=True).values
+    return _apply(x, inv_sqrt, tall, backend, dtype), sigma
 
 
 def projected_svd(x: Tensor, basis: Tensor, rank: int, *, backend: str | None = None,
@@ -251,25 +276,27 @@ def projected_svd(x: Tensor, basis: Tensor, rank: int, *, backend: str | None = 
     m, n = x.shape[-2:]
     k = min(m, n)
     rtol = default_rtol(k) if rtol is None else rtol
-    gram, tall = _gram(x, backend)
+    tall = m >= n
     if tall:
         p = _apply(x, basis.mT, False, backend)  # B^T x
-        gram = gram - _gram(p, backend, tall=True)[0]
+        gram = _gram(x, backend)[0].sub_(_gram(p, backend, tall=True)[0])
     else:
+        gram = _gram(x, backend, full=True)[0]
         c = gram @ basis
         gram = gram - c @ basis.mT
         gram = gram - basis @ (basis.mT @ gram)
-    evals, evecs = eigh_desc(gram, max(0, min(int(rank), k)), backend=backend)
+    evals, evecs = eigh_desc(gram, max(0, min(int(rank), k)), backend=backend, overwrite=True)
+    del gram
     sigma = evals.clamp_min(0).sqrt()
     norm = torch.linalg.vector_norm(x, dim=(-2, -1), dtype=torch.float64).unsqueeze(-1)
     tiny = sigma <= rtol * norm
     inv = _inverse(sigma, tiny)
     evecs = evecs * (~tiny).unsqueeze(-2)
     if tall:
-        u = (_apply(x, evecs, True, backend) - basis @ (p @ evecs)) * inv.unsqueeze(-2)
+        u = _apply(x, evecs, True, backend).sub_(basis @ (p @ evecs)).mul_(inv.unsqueeze(-2))
         return u, sigma, evecs.mT
     u = evecs - basis @ (basis.mT @ evecs)  # already orthogonal to the basis in exact arithmetic
-    return u, sigma, _apply(x, u.mT, False, backend) * inv.unsqueeze(-1)
+    return u, sigma, _apply(x, u.mT, False, backend).mul_(inv.unsqueeze(-1))
 
 
 # --- key filters ------------------------------------------------------------------
