@@ -45,20 +45,23 @@ def compute_device(device: str | torch.device | None = None) -> torch.device:
 DECOMPOSITIONS = ("gram", "svd")
 
 EIGH_BACKEND = "auto"
-"""Backend of the Gram route on CPU: ``auto``/``scipy`` = scipy's LAPACK (dsyrk Gram matrices,
-dsyevr for a leading subset of at most ``SUBSET_SHARE`` of the eigenpairs, else dsyevd), when
-scipy and threadpoolctl are importable; ``torch`` = torch matmul and torch.linalg.eigh, the
-code that runs on CUDA (tests run it on CPU). CUDA tensors always take torch."""
+"""Backend of the Gram route: ``auto`` = on CPU scipy's LAPACK (dsyrk Gram matrices over
+float64 chunks, dsyevr for a leading subset of at most ``SUBSET_SHARE`` of the eigenpairs,
+else dsyevd) when scipy and threadpoolctl are importable, torch otherwise and on CUDA;
+``torch`` = torch matmul and torch.linalg.eigh everywhere: the code that runs on CUDA,
+which tests run on CPU."""
 
-# Measured on 768 x 768 Gram matrices, 1 thread (docs/performance.md): dsyevr for the top 25 %
-# costs about a full dsyevd; scipy's OpenBLAS dsyevd is ~1.6x faster than torch's MKL syevd on
-# this AMD CPU, and dsyrk builds a Gram matrix in ~2/3 of a GEMM's time.
+# Measured on the Gram matrices of ViT shapes, 1 thread (docs/performance.md): dsyevr stays
+# cheaper than a full dsyevd up to ~30 % of the eigenpairs (k = 768 and 1024); scipy's
+# OpenBLAS dsyevd is 1.3-1.6x faster than torch's MKL syevd on this AMD CPU; dsyrk builds a
+# Gram matrix in ~2/3 of a GEMM's time.
 SUBSET_SHARE = 0.25
 
 _BLAS_CONTROL: object = None  # threadpoolctl controller for scipy's BLAS (False: unavailable)
 
 
 def check_decomposition(decomposition: str) -> str:
+    """``decomposition`` if it names a route of the spectral methods, else a ValueError."""
     if decomposition not in DECOMPOSITIONS:
         raise ValueError(f"unknown decomposition {decomposition!r}; use one of {', '.join(DECOMPOSITIONS)}")
     return decomposition
@@ -81,8 +84,8 @@ def _scipy_blas_control():
 
 def _use_scipy(t: Tensor, backend: str | None) -> bool:
     backend = EIGH_BACKEND if backend is None else backend
-    if backend not in ("auto", "torch", "scipy"):
-        raise ValueError(f"unknown backend {backend!r}; use auto, torch or scipy")
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"unknown backend {backend!r}; use auto or torch")
     return backend != "torch" and t.device.type == "cpu" and _scipy_blas_control() is not None
 
 
