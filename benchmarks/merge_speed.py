@@ -17,8 +17,10 @@ often as the model holds it (ViT-B/32: 12 x four block matrices, visual.proj, po
 embedding, conv1), which estimates a whole-model merge in a fraction of its time; ``--full``
 merges every key for real. Memory is the peak resident set above the inputs during one
 merge, sampled every 5 ms (default mode: the largest single key). "max rel diff" is the
-largest over keys of max|gram - svd| / max|svd|. LAPACK timings on a shared machine swing
-several-fold with other load: read the ratios of one run, not the absolute seconds.
+largest over keys of max|gram - svd| / max|svd|; ``--reference`` adds each route's
+distance to a float64 reference (tests/spectral_reference.py; untimed, once per K).
+LAPACK timings on a shared machine swing several-fold with other load: read the ratios of
+one run, not the absolute seconds.
 """
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ def max_rel_diff(got: TaskVector, ref: TaskVector) -> float:
 
 
 def bench(method: str, tvs: list[TaskVector], weights: "OrderedDict[str, int]", repeats: int, full: bool,
-          per_key: bool = False) -> dict:
+          per_key: bool = False, references: dict | None = None) -> dict:
     """Best-of-``repeats`` interleaved times (weighted per key), peaks and the largest difference."""
     fn = get_merge_method(method)
     keys = [k for k in weights if DECOMPOSES[method](k, tvs[0].vector[k].shape)]
@@ -104,6 +106,17 @@ def bench(method: str, tvs: list[TaskVector], weights: "OrderedDict[str, int]", 
         row["svd_s"] += weight * best["svd"]
         row["gram_s"] += weight * best["gram"]
         row["max_rel_diff"] = max(row["max_rel_diff"], max_rel_diff(out["gram"], out["svd"]))
+        if references is not None:  # float64 reference per key, computed once per K and method
+            from tests import spectral_reference
+
+            for key in unit:
+                if (method, key) not in references:
+                    d = torch.stack([tv.vector[key].double() for tv in tvs])
+                    references[method, key] = spectral_reference.merge(method, d).float()
+                expected = TaskVector(vector={key: references[method, key]})
+                for route in ("gram", "svd"):
+                    diff = max_rel_diff(TaskVector(vector={key: out[route].vector[key]}), expected)
+                    row[f"{route}_ref_diff"] = max(row.get(f"{route}_ref_diff", 0.0), diff)
         if per_key:
             shape = "every key" if full else "x".join(map(str, tvs[0].vector[unit[0]].shape))
             print(f"      {method:8s} {shape:>14s} x{weight:<2d} svd {best['svd']:.3f} s  gram {best['gram']:.3f} s  "
@@ -121,6 +134,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per route; the best counts")
     parser.add_argument("--full", action="store_true", help="merge every key of the model (slow; K x model memory)")
     parser.add_argument("--per-key", action="store_true", help="print each key's times as well")
+    parser.add_argument("--reference", action="store_true",
+                        help="also compare both routes with a float64 SVD reference (slow: float64 SVDs)")
     parser.add_argument("--out", default=None, help="also write the rows as JSON")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
@@ -133,24 +148,29 @@ def main() -> None:
     start = time.perf_counter()
     for k_tasks in (int(x) for x in args.tasks.split(",") if x):
         tvs = restrict(synthetic_task_vectors({k: shapes[k] for k in weights}, k_tasks), weights)
+        references = {} if args.reference else None
         for threads in (int(x) for x in args.threads.split(",") if x):
             torch.set_num_threads(threads)
             for method in methods:
                 row = {"model": args.model, "K": k_tasks, "threads": threads,
-                       **bench(method, tvs, weights, args.repeats, args.full, args.per_key)}
+                       **bench(method, tvs, weights, args.repeats, args.full, args.per_key, references)}
                 rows.append(row)
                 print(f"  K={k_tasks:2d} {threads}t {method:8s} svd {row['svd_s']:7.2f} s  gram {row['gram_s']:7.2f} s  "
                       f"{row['ratio']:5.2f}x  peak {row['svd_peak_mib']:6.0f} / {row['gram_peak_mib']:6.0f} MiB  "
-                      f"diff {row['max_rel_diff']:.1e}", flush=True)
+                      f"diff {row['max_rel_diff']:.1e}"
+                      + (f"  vs float64: svd {row['svd_ref_diff']:.1e} gram {row['gram_ref_diff']:.1e}"
+                         if args.reference else ""), flush=True)
         del tvs
     print(f"\n{args.model}, {mode}; time = best of {args.repeats} (model-weighted sum over keys); peak = RSS above "
           f"the inputs ({'whole merge' if args.full else 'largest key'}); diff = max over keys of "
           f"max|gram - svd| / max|svd|. Total benchmark time {time.perf_counter() - start:.0f} s.\n")
-    print("| K | threads | method | svd | gram | svd / gram | peak svd | peak gram | max rel diff |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    extra = " svd vs float64 | gram vs float64 |" if args.reference else ""
+    print("| K | threads | method | svd | gram | svd / gram | peak svd | peak gram | max rel diff |" + extra)
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.reference else ""))
     for r in rows:
         print(f"| {r['K']} | {r['threads']} | {r['method']} | {r['svd_s']:.1f} s | {r['gram_s']:.1f} s | "
-              f"{r['ratio']:.2f}x | {r['svd_peak_mib']:.0f} MiB | {r['gram_peak_mib']:.0f} MiB | {r['max_rel_diff']:.1e} |")
+              f"{r['ratio']:.2f}x | {r['svd_peak_mib']:.0f} MiB | {r['gram_peak_mib']:.0f} MiB | {r['max_rel_diff']:.1e} |"
+              + (f" {r['svd_ref_diff']:.1e} | {r['gram_ref_diff']:.1e} |" if args.reference else ""))
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:

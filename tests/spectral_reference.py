@@ -77,3 +77,20 @@ def star(d: Tensor, eta: float = 40.0) -> Tensor:
         r = int((s.cumsum(0) / total >= eta / 100).nonzero()[0]) + 1
         out += ((u[:, :r] * (s[:r] * total / s[:r].sum())) @ vh[:r]).reshape(t.shape)
     return out / d.shape[0]
+
+
+def merge(name: str, d: Tensor, **options) -> Tensor:
+    """Reference of method ``name`` on one key's stacked float64 task tensors (K x m x ...; a
+    conv weight is reshaped to out x rest), with the sizes of merge_func (tested elsewhere)."""
+    from merge_func import iso_cts_dims, tsvm_rank
+
+    k_tasks, k = d.shape[0], min(d.shape[1], d[0, 0].numel())
+    if name == "TSV-M":
+        return tsv_m(d, tsvm_rank(k, options.get("tsvm_fraction") or 1 / k_tasks))
+    if name == "Iso-C":
+        return iso_c(d)
+    if name == "Iso-CTS":
+        return iso_cts(d, *iso_cts_dims(k, k_tasks, options.get("iso_common_fraction", 0.8)))
+    if name == "STAR":
+        return star(d, options.get("star_eta", 40.0))
+    raise ValueError(f"no reference for {name!r}")

@@ -48,16 +48,7 @@ def decomposed(name, key, shape) -> bool:
 def reference(name, tvs, key):
     """float64 reference of one key, or None where the method takes the plain mean."""
     d = torch.stack([tv.vector[key].double() for tv in tvs])
-    if not decomposed(name, key, d.shape[1:]):
-        return None
-    k_tasks, k = d.shape[0], min(d.shape[1], d.shape[2:].numel())
-    if name == "TSV-M":
-        return ref.tsv_m(d, tsvm_rank(k, 1 / k_tasks))
-    if name == "Iso-C":
-        return ref.iso_c(d)
-    if name == "Iso-CTS":
-        return ref.iso_cts(d, *iso_cts_dims(k, k_tasks, 0.8))
-    return ref.star(d)
+    return ref.merge(name, d) if decomposed(name, key, d.shape[1:]) else None
 
 
 def synthetic(k_tasks, seed=0, shapes=SHAPES, noise=0.3):
