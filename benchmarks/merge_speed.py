@@ -1,8 +1,9 @@
 """Speed, memory and agreement of the spectral merges' two decompositions on real ViT shapes.
 
-    python benchmarks/merge_speed.py                          # ViT-B-32, K = 8 and 20, 1 and 2 threads
-    python benchmarks/merge_speed.py --model ViT-L-14 --tasks 8 --threads 1
-    python benchmarks/merge_speed.py --full --tasks 8 --threads 1   # every key, whole-model peak memory
+    python benchmarks/merge_speed.py                          # ViT-B-32, K = 8 and 20, 1 thread (~5 min idle)
+    python benchmarks/merge_speed.py --threads 1,2 --reference  # the table of docs/performance.md
+    python benchmarks/merge_speed.py --model ViT-L-14 --tasks 8
+    python benchmarks/merge_speed.py --full --tasks 8         # every key, whole-model peak memory
 
 For TSV-M, Iso-C, Iso-CTS and STAR it times ``decomposition="svd"`` (the original's full
 float32 SVDs) and ``decomposition="gram"`` (the default: float64 Gram matrices, only the part
@@ -129,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-32", help="open_clip architecture (ViT-B-32, ViT-L-14, ...)")
     parser.add_argument("--tasks", default="8,20", help="comma-separated K values")
-    parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
+    parser.add_argument("--threads", default="1", help="comma-separated torch thread counts, e.g. 1,2")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per route; the best counts")
     parser.add_argument("--full", action="store_true", help="merge every key of the model (slow; K x model memory)")
