@@ -30,7 +30,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from src.linalg import KEY_FILTERS, compute_device, polar, svd
+from src.linalg import (KEY_FILTERS, check_decomposition, compute_device, gram_polar, gram_svd, polar, projected_svd,
+                        svd)
 from src.task_vectors import TaskVector, check_same_keys, require_finite
 
 RUNTIME_PARAMETERS = ("device",)  # supplied by the run, not options: never logged, never flags
@@ -308,13 +309,46 @@ def dare(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, dare_p: fl
     return _per_key(task_vectors, merge_key)
 
 
-def _orthogonal_merge(u_blocks: Tensor, s_blocks: Tensor, vh_blocks: Tensor, isotropic: bool) -> Tensor:
+def _orthogonal_merge(u_blocks: Tensor, s_blocks: Tensor, vh_blocks: Tensor, isotropic: bool,
+                      decomposition: str = "svd") -> Tensor:
     """Orthogonalise concatenated singular vectors by their polar factors and rebuild
-    ``U_o diag(s) V_o``; ``isotropic`` replaces every s by the mean (Iso-CTS)."""
-    u_o, vh_o = polar(u_blocks), polar(vh_blocks)
-    if isotropic:
-        s_blocks = torch.full_like(s_blocks, s_blocks.mean().item())
-    return (u_o * s_blocks) @ vh_o
+    ``U_o diag(s) V_o``; ``isotropic`` replaces every s by the mean (Iso-CTS).
+    ``gram``: float64 polar factors from k x k Gram matrices (zero or duplicate columns are
+    left out instead of being completed by arbitrary vectors); the float32 result."""
+    if decomposition == "svd":
+        u_o, vh_o = polar(u_blocks), polar(vh_blocks)
+        if isotropic:
+            s_blocks = torch.full_like(s_blocks, s_blocks.mean().item())
+        return (u_o * s_blocks) @ vh_o
+    # polar factors have orthonormal columns / rows: float32 suffices once they are formed
+    vh_o = gram_polar(vh_blocks, dtype=torch.float32)[0]
+    u_o = gram_polar(u_blocks, dtype=torch.float32)[0]
+    return u_o.mul_((s_blocks.mean() if isotropic else s_blocks).float()) @ vh_o
+
+
+def _fill_blocks(d: Tensor, decompose: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], rank: int,
+                 u_cat: Tensor, s_cat: Tensor, vh_cat: Tensor, batched: bool | None = None) -> None:
+    """Write ``decompose`` (a Gram-route function of a batch of matrices) of each task i of ``d``
+    (K x m x n) into slots ``[i * rank, (i + 1) * rank)`` of the concatenated blocks: all K
+    in one batched call (default on CUDA), else one task at a time (memory). An all-zero matrix takes
+    the plain SVD's leading triplets instead: LAPACK returns identity columns there, and TSV-M
+    and Iso-CTS feed those vectors into their polar factors."""
+    def put(i: int, u: Tensor, s: Tensor, vh: Tensor) -> None:
+        sl = slice(i * rank, (i + 1) * rank)
+        u_cat[:, sl], s_cat[sl], vh_cat[sl] = u[:, :rank], s[:rank], vh[:rank]
+
+    zero = [not bool(x.any()) for x in d]
+    todo = [i for i, z in enumerate(zero) if not z]
+    batched = d.device.type == "cuda" if batched is None else batched
+    if batched and todo:
+        u, s, vh = decompose(d[todo])
+        for j, i in enumerate(todo):
+            put(i, u[j], s[j], vh[j])
+    for i in [] if batched else todo:
+        u, s, vh = decompose(d[i:i + 1])  # a view: no copy of the task's matrix
+        put(i, u[0], s[0], vh[0])
+    for i in (i for i, z in enumerate(zero) if z):
+        put(i, *svd(d[i]))
 
 
 def tsvm_rank(k: int, fraction: float) -> int:
@@ -327,7 +361,7 @@ def tsvm_rank(k: int, fraction: float) -> int:
 @merge_method("TSV-M", aliases=("tsv merge",), grid="spectral", svc_alpha=1.0, per_key=True,
               paper="Task Singular Vectors (Gargiulo et al., CVPR 2025)", url="https://arxiv.org/abs/2412.00081")
 def tsv_merge(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, tsvm_fraction: float | None = None,
-              tsvm_keys: str = "official", device: str | None = None) -> TaskVector:
+              tsvm_keys: str = "official", device: str | None = None, decomposition: str = "gram") -> TaskVector:
     """TSV-Merge (Gargiulo et al., "Task Singular Vectors", CVPR 2025): per matrix, keep
     each task's top ``int(k * fraction)`` singular triplets, concatenate them,
     orthogonalise the U and V blocks by their polar factors, rebuild; other keys take
@@ -337,7 +371,12 @@ def tsv_merge(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, tsvm_
     (2-D without ``text_projection``/``embedding``; ``tsvm_keys='tsv'`` is the TSV
     repository's, ``'all2d'`` FusionBench's), coefficient 1 (the TSV paper tunes it on
     validation data in 0.1..3.0). Invariant to task order.
+
+    ``decomposition='gram'`` computes only each task's ``r`` leading triplets (float64 Gram
+    matrix, LAPACK subset eigensolver on CPU) and the polar factors from k x k Gram matrices;
+    ``'svd'`` is the original's full float32 SVD per task (docs/performance.md).
     """
+    check_decomposition(decomposition)
     n_tasks = len(task_vectors)
     fraction = 1.0 / n_tasks if tsvm_fraction is None else float(tsvm_fraction)
     _check(0 < fraction <= 1.0 / n_tasks + 1e-12,
@@ -361,6 +400,11 @@ def tsv_merge(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, tsvm_
         m, n = d.shape[1:]
         k = min(m, n)
         r = tsvm_rank(k, fraction)
+        if decomposition == "gram":
+            u_cat, s_cat = d.new_zeros(m, k, dtype=torch.float64), d.new_zeros(k, dtype=torch.float64)
+            vh_cat = d.new_zeros(k, n, dtype=torch.float64)
+            _fill_blocks(d, lambda x: gram_svd(x, r), r, u_cat, s_cat, vh_cat)
+            return (scaling_coef * _orthogonal_merge(u_cat, s_cat, vh_cat, False, "gram")).cpu()
         u_cat, s_cat, vh_cat = d.new_zeros(m, k), d.new_zeros(k), d.new_zeros(k, n)
         for i in range(n_tasks):  # unfilled slots stay zero, as in the original
             u, s, vh = svd(d[i])
@@ -372,12 +416,17 @@ def tsv_merge(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, tsvm_
 
 @merge_method("Iso-C", grid="spectral", per_key=True,
               paper="Isotropic merging (Marczak et al., ICML 2025)", url="https://arxiv.org/abs/2502.04959")
-def iso_c(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, device: str | None = None) -> TaskVector:
+def iso_c(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, device: str | None = None,
+          decomposition: str = "gram") -> TaskVector:
     """Iso-C (Marczak et al., "No Task Left Behind: Isotropic Model Merging", ICML 2025):
     per matrix (2-D, not ``text_projection``; embeddings included), the sum of the task
     matrices with every singular value replaced by their mean; other keys take the mean.
     Times ``scaling_coef``: 1 in the official SVC run, 1.5 in FusionBench's SVC config,
-    tuned on validation data in the Iso paper."""
+    tuned on validation data in the Iso paper.
+
+    ``decomposition='gram'``: the result is mean(sigma) x the polar factor U V^T, computed
+    as ``M (M^T M)^(-1/2)`` from the float64 Gram matrix; ``'svd'``: a float32 SVD."""
+    check_decomposition(decomposition)
     dev = compute_device(device)
 
     def merge_key(key, d):
@@ -386,6 +435,9 @@ def iso_c(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, device: s
         total = d.sum(0)
         if not total.any():  # e.g. the untouched token embedding: skip a 49408 x 512 SVD
             return total
+        if decomposition == "gram":
+            q, sigma = gram_polar(total.to(dev), dtype=total.dtype)
+            return q.mul_(float(scaling_coef * sigma.mean())).cpu()
         u, s, vh = svd(total.to(dev))
         return (scaling_coef * s.mean() * (u @ vh)).cpu()
 
@@ -404,7 +456,7 @@ def iso_cts_dims(k: int, n_tasks: int, common_fraction: float) -> tuple[int, int
 @merge_method("Iso-CTS", grid="spectral", per_key=True,
               paper="Isotropic merging (Marczak et al., ICML 2025)", url="https://arxiv.org/abs/2502.04959")
 def iso_cts(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, iso_common_fraction: float = 0.8,
-            device: str | None = None) -> TaskVector:
+            device: str | None = None, decomposition: str = "gram") -> TaskVector:
     """Iso-CTS (Marczak et al., ICML 2025): per matrix (2-D, not ``text_projection``),
     the top ``common_fraction`` of the summed matrix's singular subspace plus each
     task's top directions outside it, orthogonalised by polar factors, with a flat
@@ -416,7 +468,13 @@ def iso_cts(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, iso_com
     Sizes follow ``iso_cts_dims``. A matrix too narrow for one direction per task
     (e.g. the 50 x 768 positional embedding at K = 20) gets per_task = 0 and keeps the
     whole common subspace, as in the original: that key is then exactly Iso-C.
+
+    ``decomposition='gram'``: the summed matrix's leading ``common`` triplets and each task's
+    ``per_task`` leading triplets outside them from float64 Gram matrices (the residual's
+    Gram matrix without forming the residual; LAPACK subset eigensolver on CPU), polar
+    factors as TSV-M's; ``'svd'``: the original's full float32 SVDs.
     """
+    check_decomposition(decomposition)
     _check(0 <= iso_common_fraction <= 1, f"iso_common_fraction must be in [0, 1], got {iso_common_fraction}")
     n_tasks = len(task_vectors)
     for key, shape in task_vectors[0].shapes().items():  # before any work
@@ -437,6 +495,16 @@ def iso_cts(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, iso_com
         m, n = d.shape[1:]
         k = min(m, n)
         common, per_task = iso_cts_dims(k, n_tasks, iso_common_fraction)
+        if decomposition == "gram":
+            u_cat, s_cat = d.new_zeros(m, k, dtype=torch.float64), d.new_zeros(k, dtype=torch.float64)
+            vh_cat = d.new_zeros(k, n, dtype=torch.float64)
+            base = n_tasks * per_task
+            u_cat[:, base:base + common], s_cat[base:base + common], vh_cat[base:base + common] = \
+                gram_svd(d.sum(0), common)
+            if per_task:  # the residual of an all-zero task is all zero: the plain SVD's vectors
+                u_c = u_cat[:, base:base + common]
+                _fill_blocks(d, lambda x: projected_svd(x, u_c, per_task), per_task, u_cat, s_cat, vh_cat)
+            return (scaling_coef * _orthogonal_merge(u_cat, s_cat, vh_cat, True, "gram")).cpu()
         u, s, vh = svd(d.sum(0))
         u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]
         u_cat, s_cat, vh_cat = d.new_zeros(m, k), d.new_zeros(k), d.new_zeros(k, n)
@@ -454,13 +522,42 @@ def iso_cts(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, iso_com
 
 @merge_method("STAR", per_key=True,
               paper="STAR (Lee et al., NAACL 2025)", url="https://arxiv.org/abs/2502.10339")
-def star(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, star_eta: float = 40.0) -> TaskVector:
+def star(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, star_eta: float = 40.0,
+         device: str | None = None, decomposition: str = "gram") -> TaskVector:
     """STAR (Lee et al., "STAR: Spectral Truncation and Rescale for Model Merging", NAACL
     2025): per task and matrix (conv weights reshaped to out x rest), keep the fewest top
     singular values holding ``star_eta`` % of the nuclear norm, rescale them so the
     nuclear norm is preserved, rebuild; then the mean over tasks, times ``scaling_coef``.
-    1-D/0-D keys take the plain mean. Defaults = official SVC run: eta 40, coefficient 1."""
+    1-D/0-D keys take the plain mean. Defaults = official SVC run: eta 40, coefficient 1.
+
+    ``decomposition='gram'``: every singular value but only the kept vectors, from the
+    float64 Gram matrix on ``device`` (default CUDA when present), and the K truncations
+    summed by one GEMM; ``'svd'``: the original's full float32 SVD per task, on the CPU."""
+    check_decomposition(decomposition)
     _check(0 < star_eta <= 100, f"star_eta is a percentage in (0, 100], got {star_eta}")
+    dev = compute_device(device)
+
+    def cut(sigma: Tensor) -> int:
+        """Fewest leading singular values holding star_eta % of the nuclear norm (0: a null matrix)."""
+        total = sigma.sum()
+        if total <= 1e-12:
+            return 0
+        hit = (sigma.cumsum(0) / total >= star_eta / 100.0).nonzero()
+        return int(hit[0]) + 1 if len(hit) else sigma.numel()  # rounding can leave cumsum[-1] < total
+
+    def merge_gram(d: Tensor) -> Tensor:
+        """mean_i U_i,r diag(kept_i) V_i,r^T as one GEMM over the concatenated kept triplets."""
+        us, vhs = [], []
+        for t in d.to(dev):
+            u, s, vh = gram_svd(t.reshape(t.shape[0], -1), cut)
+            r = u.shape[-1]
+            if r:
+                total = s.sum()
+                us.append((u * (s[:r] * (total / s[:r].sum()))).to(d.dtype))
+                vhs.append(vh.to(d.dtype))
+        if not us:
+            return d.new_zeros(d.shape[1:])
+        return (torch.cat(us, 1) @ torch.cat(vhs, 0)).div_(d.shape[0]).reshape(d.shape[1:]).cpu()
 
     def truncate(t: Tensor) -> Tensor:
         mat = t.reshape(t.shape[0], -1)
@@ -477,6 +574,8 @@ def star(task_vector_avg, task_vectors, *, scaling_coef: float = 1.0, star_eta: 
             return scaling_coef * d.mean(0)
         if not d.any():
             return d.mean(0)
+        if decomposition == "gram":
+            return scaling_coef * merge_gram(d)
         return scaling_coef * torch.stack([truncate(t) for t in d]).mean(0)
 
     return _per_key(task_vectors, merge_key)

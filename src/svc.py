@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from src.linalg import compute_device, select_keys, svd
+from src.linalg import check_decomposition, compute_device, gram_svd, select_keys, svd
 from src.task_vectors import TaskVector, check_finite, check_same_keys, max_abs, task_label
 
 EPS = 1e-12  # the official denominator clamp
@@ -43,27 +43,10 @@ def _decompose(m: Tensor, method: str) -> tuple[Tensor, Tensor, Tensor]:
     eigendecomposition of the smaller Gram matrix (``gram``: several times faster
     on CPU for tall or wide matrices; the singular vectors of the longer side are
     recovered as ``M V / sigma``). Returns factors in ``m.dtype``."""
-    if method == "svd":
+    if check_decomposition(method) == "svd":
         return svd(m)
-    if method != "gram":
-        raise ValueError(f"unknown decomposition {method!r}; use 'gram' or 'svd'")
-    x = m.double()
-    tall = x.shape[0] >= x.shape[1]
-    gram = x.mT @ x if tall else x @ x.mT
-    evals, evecs = torch.linalg.eigh(gram)  # ascending
-    evals, evecs = evals.flip(0), evecs.flip(1)
-    sigma = evals.clamp_min(0).sqrt()
-    # Directions with sigma ~ 0 (rank deficiency) get zero vectors: they carry nothing,
-    # and dividing by a vanishing sigma would only produce noise.
-    tiny = sigma <= sigma[0] * 1e-13 if sigma.numel() else sigma.bool()
-    inv = torch.where(tiny, torch.zeros_like(sigma), 1.0 / sigma.where(~tiny, torch.ones_like(sigma)))
-    if tall:
-        v = evecs
-        u = (x @ v) * inv
-        vh = v.mT
-    else:
-        u = evecs
-        vh = (u.mT @ x) * inv[:, None]
+    # SVC uses every direction, weighted by its sigma: only exact zeros (rtol 1e-13) need zero vectors
+    u, sigma, vh = gram_svd(m, rtol=1e-13, backend="torch")  # torch: results as before
     return u.to(m.dtype), sigma.to(m.dtype), vh.to(m.dtype)
 
 
