@@ -455,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_args(argv[:cut]), argv[cut + 1:]
     extra = [*(["--tasks", args.tasks] if args.tasks else []), *(["--logs", args.logs] if args.logs else []), *extra]
+    broken = [arg for arg in [args.model, *args.methods, *extra] if "\n" in arg or "\r" in arg]
+    if broken:  # run.sh reads the run list one line per run
+        raise SystemExit(f"error: the argument {broken[0]!r} holds a line break; run.sh and the job records take "
+                         "one run per line: pass it without one")
     runs = sweep_runs(args.model, args.methods, args.tuned, args.force, extra)
     if args.print_runs:
         if not args.force:  # a run already in results.jsonl is not started only to skip itself

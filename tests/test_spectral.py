@@ -1,4 +1,4 @@
-"""The Gram route (decomposition="gram", the default) of TSV-M, Iso-C, Iso-CTS and STAR against
+"""The Gram route (decomposition="gram"; the default of TSV-M and STAR) of TSV-M, Iso-C, Iso-CTS and STAR against
 the plain-SVD route and independent float64 references (tests/spectral_reference.py), on
 synthetic task vectors and the demo-micro zoo, at K = 8, 14 and 20, including degenerate
 input; and the shared decompositions of src/linalg.py on both of their branches (scipy
@@ -228,7 +228,10 @@ def test_near_ties_at_the_cut_gram_is_nearer_float64_than_float32_svd():
 
 @pytest.mark.parametrize("name", METHODS)
 def test_decomposition_option(name):
-    assert merge_func.resolve_options(name)["decomposition"] == "gram"
+    # Iso-C and Iso-CTS keep the plain SVD by default: their flat spectrum makes SVC afterwards depend on the
+    # singular basis, so the Gram route's 1e-5 moved run.sh demo-micro's Iso-C+SVC / Iso-CTS+SVC by 0.2-0.4 points
+    default = "svd" if name in ("Iso-C", "Iso-CTS") else "gram"
+    assert merge_func.resolve_options(name)["decomposition"] == default
     with pytest.raises(ValueError, match="unknown decomposition 'qr'"):
         run(name, synthetic(2, shapes=SMALL), "qr")
 

@@ -216,3 +216,13 @@ def test_without_submitit_slurm_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit -> ImportError
     with pytest.raises(SystemExit, match="pip install submitit"):
         sweep.slurm_executor(tmp_path, {})
+
+
+def test_an_argument_with_a_line_break_is_refused_before_the_run_list(tmp_path, capsys):
+    """run.sh reads --print-runs line by line: an argument holding a newline would split one run in two."""
+    with pytest.raises(SystemExit, match=r"error: the argument '--note=a\\nb' holds a line break"):
+        sweep.main(["--model", "demo-micro", "--methods", "TA", "--print-runs", "--", "--note=a\nb"])
+    assert capsys.readouterr().out == ""  # no run printed
+    out = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "demo-micro", "--note=a\nb"], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable})
+    assert out.returncode == 1 and "holds a line break" in out.stderr and "===" not in out.stdout
