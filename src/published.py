@@ -41,7 +41,9 @@ FAMILIES = {
     "fusionbench": "FusionBench's Hugging Face fine-tunes (tanganke/clip-vit-*)",
 }
 TASK_COUNTS = (8, 14, 20)
-NOT_OPTIONS = ("scaling_coef", "device")  # recorded elsewhere (coefficient) or irrelevant to the numbers (device)
+# recorded elsewhere (coefficient), or not a setting of the published method: the device, and the decomposition
+# route of the spectral merges (both routes agree within 1e-4; old lines do not record it)
+NOT_OPTIONS = ("scaling_coef", "device", "decomposition")
 _ENTRY_KEYS = ("source", "family", "model", "tasks", "method", "svc", "coef", "alpha", "row_space", "options", "acc",
                "avg", "norm", "note")
 _TOP_KEYS = ("about", "sources", "entries")
