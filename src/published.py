@@ -675,7 +675,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {path}; now run: python -m src.results {path.parent} --reference")
         else:
             import utils
-            from src.results import row_problem  # the one shape check of a results line
+            from src.records import row_problem  # the one shape check of a results line
 
             for lineno, row in utils.iter_jsonl(args.check):
                 problem = row_problem(row)
