@@ -1,15 +1,12 @@
-"""main.py and run.sh end to end on the demo-micro zoo (plumbing, not accuracy)."""
+"""main.py end to end on the demo-micro zoo (plumbing, not accuracy); run.sh is tested in test_sweep.py."""
 import json
 import os
-import shlex
-import subprocess
-import sys
 
 import pytest
 
 import main
 import utils
-from tests.conftest import ROOT, cli
+from tests.conftest import cli
 
 REQUIRED = {"time", "model", "merge", "svc", "alpha", "scaling_coef", "tasks", "accuracy", "avg", "seed",
             "merge_seconds", "svc_seconds", "eval_seconds", "options", "checkpoints"}
@@ -110,25 +107,3 @@ def test_append_jsonl_never_leaves_a_half_line(tmp_path):
     utils.append_jsonl(path, {"b": 2})
     assert utils.read_jsonl(path) == [{"a": 1}, {"b": 2}]
     assert not list(tmp_path.glob(".results.jsonl.*"))  # no temporary file left behind
-
-
-@pytest.mark.process
-def test_run_sh_sweeps_then_skips_what_is_done(workdir):
-    env = {**os.environ, "METHODS": "TA", "PYTHON": sys.executable}
-    args = ["bash", os.path.join(ROOT, "run.sh"), "demo-micro", "--base_dir", str(workdir),
-            "--logs", str(workdir / "logs-sweep"), "--threads", "1", "--no-progress", "--num-workers", "0"]
-    first = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT)
-    assert first.returncode == 0, first.stderr[-2000:]
-    lines = utils.read_jsonl(workdir / "logs-sweep" / "demo-micro" / "results.jsonl")
-    assert [(r["merge"], r["svc"]) for r in lines] == [("zeroshot", False), ("finetuned", False),
-                                                       ("TA", False), ("TA", True)]
-    second = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT)
-    assert second.returncode == 0 and second.stderr.count("skipping") == 4  # said once each, no main.py started
-    assert "=== demo-micro" not in second.stdout
-    assert len(utils.read_jsonl(workdir / "logs-sweep" / "demo-micro" / "results.jsonl")) == 4
-    stub = workdir / "failing-python"  # every main.py run fails (src.sweep and src.results are real)
-    stub.write_text(f'#!/bin/sh\n[ "$1" = main.py ] && exit 1\nexec {shlex.quote(sys.executable)} "$@"\n')
-    stub.chmod(0o755)
-    failing = subprocess.run(args + ["--force"], env={**env, "PYTHON": str(stub)}, capture_output=True, text=True,
-                             cwd=ROOT)
-    assert failing.returncode == 1 and "FAILED (4)" in failing.stderr  # keeps going, reports all failures

@@ -32,46 +32,52 @@ def key(row):
     return json.dumps(row["request"], sort_keys=True)
 
 
-def test_run_list_is_run_sh_s(tmp_path):
+def test_run_sh_runs_the_run_list_and_shows_the_table_of_logs_equals_dir(tmp_path):
     runs = sweep.sweep_runs("ViT-B-32", ["TA", "TSV-M"], tuned=True, extra=["--tasks", "14"])
     assert [r.label for r in runs] == ["zeroshot", "finetuned", "TA", "TA+SVC", "TSV-M", "TSV-M+SVC"]
     assert runs[3].argv == ("--model", "ViT-B-32", "--skip-existing", "--merge", "TA", "--c", "--alpha", "auto",
                             "--scaling_coef", "auto", "--tasks", "14")
     assert "--skip-existing" not in sweep.sweep_runs("demo", force=True)[0].argv
     assert [r.label for r in sweep.sweep_runs("demo")][2::2] == list(sweep.METHODS)
-    # run.sh loops over exactly these runs: a stub PYTHON records every main.py call
+    # --logs=DIR (the = form) is where main.py writes: run.sh must show that table, not logs/'s
+    elsewhere = tmp_path / "elsewhere"
+    row = {"model": "ViT-B-32", "merge": "TA", "svc": False, "tasks": ["Digits"], "accuracy": {"Digits": 42.5}}
+    utils.append_jsonl(elsewhere / "ViT-B-32" / "results.jsonl", row)
+    # run.sh loops over exactly these runs: a stub PYTHON records every main.py call (src.sweep and src.results
+    # are real)
     stub = tmp_path / "python"
     stub.write_text(f'#!/bin/sh\nif [ "$1" = main.py ]; then shift; echo "$@" >> {tmp_path}/calls; exit 0; fi\n'
                     f'exec {shlex.quote(sys.executable)} "$@"\n')
     stub.chmod(0o755)
     env = {**os.environ, "PYTHON": str(stub), "METHODS": "TA TSV-M"}
-    out = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "ViT-B-32", "--tuned", "--tasks", "14", "--note=a b"],
-                         env=env, capture_output=True, text=True, cwd=ROOT)
-    calls = (tmp_path / "calls").read_text().splitlines()
-    assert calls == [" ".join(r.argv + ("--note=a b",)) for r in runs]
-    assert [line for line in out.stdout.splitlines() if line.startswith("===")] == [f"=== ViT-B-32 {r.label}" for r in runs]
-
-
-def test_run_sh_prints_the_table_of_logs_equals_dir(tmp_path):
-    """--logs=DIR (the = form) is where main.py writes: run.sh must show that table, not logs/'s."""
-    folder = tmp_path / "elsewhere" / "demo-micro"
-    folder.mkdir(parents=True)
-    row = {"model": "demo-micro", "merge": "TA", "svc": False, "tasks": ["Digits"], "accuracy": {"Digits": 42.5}}
-    utils.append_jsonl(folder / "results.jsonl", row)
-    stub = tmp_path / "python"  # main.py runs do nothing; src.sweep and src.results are real
-    stub.write_text(f'#!/bin/sh\n[ "$1" = main.py ] && exit 0\nexec {shlex.quote(sys.executable)} "$@"\n')
-    stub.chmod(0o755)
-    out = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "demo-micro", f"--logs={tmp_path / 'elsewhere'}"],
-                         env={**os.environ, "PYTHON": str(stub), "METHODS": "TA"}, capture_output=True, text=True,
-                         cwd=ROOT)
+    out = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "ViT-B-32", "--tuned", "--tasks", "14", "--note=a b",
+                          f"--logs={elsewhere}"], env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == [" ".join(r.argv + ("--note=a b", f"--logs={elsewhere}")) for r in runs]
+    assert [line for line in out.stdout.splitlines() if line.startswith("===")] == [f"=== ViT-B-32 {r.label}" for r in runs]
     assert "| TA | **42.50** |" in out.stdout
 
 
 @pytest.mark.process
-def test_local_launcher_sweeps_resumes_and_matches_run_sh(workdir, capsys):
+def test_run_sh_and_the_local_launcher_sweep_the_same_runs_and_skip_what_is_done(workdir, capsys):
+    # run.sh runs main.py for each run of the sweep (one method, to keep the test short)
+    env = {**os.environ, "METHODS": "TA", "PYTHON": sys.executable}
+    args = ["bash", os.path.join(ROOT, "run.sh"), "demo-micro", "--base_dir", str(workdir),
+            "--logs", str(workdir / "logs-local"), *FLAGS]
+    first = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert [(r["merge"], r["svc"]) for r in results(workdir, "logs-local")] == [
+        ("zeroshot", False), ("finetuned", False), ("TA", False), ("TA", True)]
+    second = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert second.returncode == 0 and second.stderr.count("skipping") == 4  # said once each, no main.py started
+    assert "=== demo-micro" not in second.stdout
+    assert len(results(workdir, "logs-local")) == 4
+
+    # the local launcher, on the same folder with TA and TIES, takes run.sh's four runs as done and runs TIES's two
     assert launcher(workdir, "logs-local", "--launcher", "local", "--workers", "2") == 0
     out = capsys.readouterr().out
+    assert "6 runs: 4 already in" in out
     rows = results(workdir, "logs-local")
     assert sorted((r["merge"], r["svc"]) for r in rows) == sorted(
         [("zeroshot", False), ("finetuned", False), ("TA", False), ("TA", True), ("TIES", False), ("TIES", True)])
@@ -79,19 +85,20 @@ def test_local_launcher_sweeps_resumes_and_matches_run_sh(workdir, capsys):
     for label in ("Zero-shot", "Fine-tuned", "TA", "TA +SVC", "TIES", "TIES +SVC"):
         assert f"| {label} |" in table
 
-    # run.sh makes the same runs: the main.py calls it makes (recorded by a stub) plan to the requests the
-    # launcher's runs logged (one method, to keep the test short)
-    stub = workdir / "python-stub"
+    # run.sh --force reruns done runs, keeps going past failures and reports them all; the main.py calls it makes
+    # (recorded by a stub that then fails) plan to the requests the launcher's runs logged
+    stub = workdir / "failing-python"
     stub.write_text(f'#!/bin/sh\nif [ "$1" = main.py ]; then shift; printf "%s\\0" "$@" >> {workdir}/sh-calls; '
-                    f'printf "\\n" >> {workdir}/sh-calls; exit 0; fi\nexec {shlex.quote(sys.executable)} "$@"\n')
+                    f'printf "\\n" >> {workdir}/sh-calls; exit 1; fi\nexec {shlex.quote(sys.executable)} "$@"\n')
     stub.chmod(0o755)
-    env = {**os.environ, "METHODS": "TIES", "PYTHON": str(stub)}
-    subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "demo-micro", "--base_dir", str(workdir),
-                    "--logs", str(workdir / "logs-sh"), *FLAGS], env=env, capture_output=True, text=True, cwd=ROOT)
+    failing = subprocess.run(args + ["--force"], env={**env, "METHODS": "TIES", "PYTHON": str(stub)},
+                             capture_output=True, text=True, cwd=ROOT)
+    assert failing.returncode == 1 and "FAILED (4)" in failing.stderr
     calls = [line.split("\0")[:-1] for line in (workdir / "sh-calls").read_text().splitlines()]
     planned = [plan(main_args.build_parser().parse_args(argv)).request for argv in calls]
     assert sorted(json.dumps(r, sort_keys=True) for r in planned) == sorted(
         key(r) for r in rows if r["merge"] != "TA")
+    assert len(results(workdir, "logs-local")) == 6
 
     # idempotent: nothing is submitted again
     assert launcher(workdir, "logs-local", "--launcher", "local", "--dry-run") == 0
