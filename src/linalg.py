@@ -45,17 +45,22 @@ def compute_device(device: str | torch.device | None = None) -> torch.device:
 DECOMPOSITIONS = ("gram", "svd")
 
 EIGH_BACKEND = "auto"
-"""Backend of the Gram route: ``auto`` = on CPU scipy's LAPACK (dsyrk Gram matrices over
-float64 chunks, dsyevr for a leading subset of at most ``SUBSET_SHARE`` of the eigenpairs,
-else dsyevd) when scipy and threadpoolctl are importable, torch otherwise and on CUDA;
-``torch`` = torch matmul and torch.linalg.eigh everywhere: the code that runs on CUDA,
-which tests run on CPU."""
+"""Backend of the Gram route: ``auto`` = on CPU scipy's LAPACK on one BLAS thread (dsyrk Gram
+matrices over float64 chunks; dsyevr for a leading subset of at most ``SUBSET_SHARE`` of the
+eigenpairs; dsyevd for all of them at one torch thread, torch.linalg.eigh at two) when scipy
+and threadpoolctl are importable and torch uses at most ``SCIPY_MAX_THREADS`` threads, torch
+otherwise and on CUDA; ``torch`` = torch matmul and torch.linalg.eigh everywhere: the code
+that runs on CUDA, which tests run on CPU."""
 
-# Measured on the Gram matrices of ViT shapes, 1 thread (docs/performance.md): dsyevr stays
-# cheaper than a full dsyevd up to ~30 % of the eigenpairs (k = 768 and 1024); scipy's
-# OpenBLAS dsyevd is 1.3-1.6x faster than torch's MKL syevd on this AMD CPU; dsyrk builds a
-# Gram matrix in ~2/3 of a GEMM's time.
+# Measured on the Gram matrices of ViT shapes (docs/performance.md): dsyevr stays cheaper than
+# a full dsyevd up to ~30 % of the eigenpairs (k = 768 and 1024); at one thread scipy's
+# OpenBLAS dsyevd is 1.3-1.6x faster than torch's MKL syevd on this AMD CPU, at two MKL's
+# (which uses both) is faster than OpenBLAS's held to one; dsyrk builds a Gram matrix in ~2/3
+# of a GEMM's time.
 SUBSET_SHARE = 0.25
+# the most torch threads at which the one-core scipy branch was measured faster (2, the most
+# this project's machine has: docs/performance.md); beyond, the torch branch is used, unmeasured
+SCIPY_MAX_THREADS = 2
 
 _BLAS_CONTROL: object = None  # threadpoolctl controller for scipy's BLAS (False: unavailable)
 
@@ -69,8 +74,11 @@ def check_decomposition(decomposition: str) -> str:
 
 def _scipy_blas_control():
     """scipy's LAPACK runs on its own BLAS (OpenBLAS in the wheels), which ignores
-    ``torch.set_num_threads``; without threadpoolctl to hold it to torch's thread count
-    the subset solver is not used (it would oversubscribe the cores)."""
+    ``torch.set_num_threads``; without threadpoolctl to hold it to one thread the scipy
+    branch is not used. One thread, whatever torch's count: OpenBLAS's idle workers spin
+    and take the cores from torch's threads between the calls (2 threads, ViT-B/32 shapes:
+    the Gram route took 2.5 s where it takes 1.8 s with one BLAS thread), and scipy's
+    wrappers hold the GIL, so the eigensolvers cannot run side by side either."""
     global _BLAS_CONTROL
     if _BLAS_CONTROL is None:
         try:
@@ -83,10 +91,13 @@ def _scipy_blas_control():
 
 
 def _use_scipy(t: Tensor, backend: str | None) -> bool:
+    """The scipy branch: ``auto`` on CPU at up to ``SCIPY_MAX_THREADS`` torch threads. It runs
+    on one core; with more threads torch's routines, which use them all, are the better bet."""
     backend = EIGH_BACKEND if backend is None else backend
     if backend not in ("auto", "torch"):
         raise ValueError(f"unknown backend {backend!r}; use auto or torch")
-    return backend != "torch" and t.device.type == "cpu" and _scipy_blas_control() is not None
+    return (backend != "torch" and t.device.type == "cpu" and torch.get_num_threads() <= SCIPY_MAX_THREADS
+            and _scipy_blas_control() is not None)
 
 
 def _scipy_eigh(sym: Tensor, top: int, overwrite: bool, descending: bool) -> tuple[Tensor, Tensor] | None:
@@ -102,7 +113,7 @@ def _scipy_eigh(sym: Tensor, top: int, overwrite: bool, descending: bool) -> tup
     subset = {"subset_by_index": [k - top, k - 1], "driver": "evr"} if top <= SUBSET_SHARE * k else {"driver": "evd"}
     vals, vecs = [], []
     try:
-        with _scipy_blas_control().limit(limits=torch.get_num_threads(), user_api="blas"):
+        with _scipy_blas_control().limit(limits=1, user_api="blas"):
             for a in flat:
                 w, v = scipy.linalg.eigh(a, check_finite=False, overwrite_a=overwrite, **subset)
                 if descending or top < k:  # copies: torch takes no negative strides
@@ -128,7 +139,9 @@ def eigh_desc(sym: Tensor, top: int | None = None, *, backend: str | None = None
     destroyed; ``descending=False`` (all k only): any order, saving a reordering copy."""
     k = sym.shape[-1]
     top = k if top is None else max(0, min(int(top), k))
-    if top and _use_scipy(sym, backend):
+    # scipy (one thread) for a leading subset, which torch cannot compute, and for every
+    # eigenpair at one thread; torch's solver, which uses the threads, for all of them at more
+    if top and (top <= SUBSET_SHARE * k or torch.get_num_threads() == 1) and _use_scipy(sym, backend):
         found = _scipy_eigh(sym, top, overwrite and sym.dtype == torch.float64, descending)
         if found is not None:
             return found
@@ -168,7 +181,7 @@ def _gram(x: Tensor, backend: str | None = None, tall: bool | None = None, full:
 
     short = x.shape[-1] if tall else x.shape[-2]
     grams = []
-    with _scipy_blas_control().limit(limits=torch.get_num_threads(), user_api="blas"):
+    with _scipy_blas_control().limit(limits=1, user_api="blas"):
         for item in x.reshape(-1, *x.shape[-2:]):
             acc = np.zeros((short, short), order="F")
             for _, c in _chunks(item, tall):  # c.T is Fortran-ordered: dsyrk reads it in place

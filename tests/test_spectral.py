@@ -331,3 +331,39 @@ def test_batched_task_loop_the_cuda_path_equals_one_task_at_a_time():
         outs.append(blocks)
     for a, b in zip(*outs):
         assert rel(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("threads,expected", [(1, ["scipy", "scipy"]), (2, ["scipy", "torch"]),
+                                              (3, ["torch", "torch"])])
+def test_which_eigensolver_runs_at_each_thread_count(threads, expected, monkeypatch):
+    """Measured (docs/performance.md): scipy's LAPACK on one BLAS thread for a leading subset at up to 2 torch
+    threads and for every eigenpair at 1; torch's solver, which uses the threads, for every eigenpair at 2 and
+    for everything beyond 2. Either way the same eigenpairs come out."""
+    if linalg._scipy_blas_control() is None:
+        pytest.skip("scipy and threadpoolctl are not installed")
+    calls, limits = [], []
+    real_eigh, control = linalg._scipy_eigh, linalg._scipy_blas_control()
+    real_limit = control.limit
+
+    def recording_limit(*args, **kwargs):
+        limits.append(kwargs["limits"])
+        return real_limit(*args, **kwargs)
+
+    monkeypatch.setattr(linalg, "_scipy_eigh", lambda *a, **k: calls.append("scipy") or real_eigh(*a, **k))
+    monkeypatch.setattr(control, "limit", recording_limit)
+    a = spectrum_matrix(40, 40, seed=5).double()
+    sym = a @ a.mT
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = []
+        for top in (4, None):  # a subset (4 of 40 <= SUBSET_SHARE) and every eigenpair
+            n = len(calls)
+            w, v = eigh_desc(sym, top)
+            got.append("scipy" if len(calls) > n else "torch")
+            w_t, v_t = eigh_desc(sym, top, backend="torch")
+            assert rel(w, w_t) < 1e-12 and rel((v * w) @ v.mT, (v_t * w_t) @ v_t.mT) < 1e-10
+    finally:
+        torch.set_num_threads(before)
+    assert got == expected
+    assert set(limits) <= {1}  # OpenBLAS held to one thread: its spinning workers would slow torch's down
