@@ -4,6 +4,7 @@
     python benchmarks/merge_speed.py --threads 1,2 --reference  # the table of docs/performance.md
     python benchmarks/merge_speed.py --model ViT-L-14 --tasks 8
     python benchmarks/merge_speed.py --full --tasks 8         # every key, whole-model peak memory
+    python benchmarks/merge_speed.py --full --tasks 8 --keys resblocks.5.attn.in_proj --reference  # one key
 
 For TSV-M, Iso-C, Iso-CTS and STAR it times ``decomposition="svd"`` (the original's full
 float32 SVDs) and ``decomposition="gram"`` (the default: float64 Gram matrices, only the part
@@ -137,24 +138,33 @@ def main() -> None:
     parser.add_argument("--per-key", action="store_true", help="print each key's times as well")
     parser.add_argument("--reference", action="store_true",
                         help="also compare both routes with a float64 SVD reference (slow: float64 SVDs)")
+    parser.add_argument("--keys", default="",
+                        help="comma-separated substrings: time only the keys that contain one (the task vectors "
+                             "are those of the whole model, so a key's numbers match a run without --keys)")
     parser.add_argument("--out", default=None, help="also write the rows as JSON")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     shapes = visual_shapes(args.model)
     weights = representatives(shapes, args.full)
+    wanted = [w for w in args.keys.split(",") if w]
+    selected = OrderedDict((k, n) for k, n in weights.items() if not wanted or any(w in k for w in wanted))
+    if not selected:
+        parser.error(f"--keys {args.keys}: no key of {args.model} contains any of them")
     mode = "every key" if args.full else f"{len(weights)} distinct matrices, weighted to the model's {sum(weights.values())}"
+    if wanted:
+        mode += f"; only the {len(selected)} with {args.keys!r} in their name"
     print(f"{args.model}: {mode}; torch {torch.__version__}; best of {args.repeats}, svd and gram interleaved",
           flush=True)
     rows = []
     start = time.perf_counter()
     for k_tasks in (int(x) for x in args.tasks.split(",") if x):
-        tvs = restrict(synthetic_task_vectors({k: shapes[k] for k in weights}, k_tasks), weights)
+        tvs = restrict(synthetic_task_vectors({k: shapes[k] for k in weights}, k_tasks), selected)
         references = {} if args.reference else None
         for threads in (int(x) for x in args.threads.split(",") if x):
             torch.set_num_threads(threads)
             for method in methods:
                 row = {"model": args.model, "K": k_tasks, "threads": threads,
-                       **bench(method, tvs, weights, args.repeats, args.full, args.per_key, references)}
+                       **bench(method, tvs, selected, args.repeats, args.full, args.per_key, references)}
                 rows.append(row)
                 print(f"  K={k_tasks:2d} {threads}t {method:8s} svd {row['svd_s']:7.2f} s  gram {row['gram_s']:7.2f} s  "
                       f"{row['ratio']:5.2f}x  peak {row['svd_peak_mib']:6.0f} / {row['gram_peak_mib']:6.0f} MiB  "
