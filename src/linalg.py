@@ -90,6 +90,11 @@ def _scipy_blas_control():
     return _BLAS_CONTROL or None
 
 
+def _one_blas_thread():
+    """Context in which scipy's BLAS runs on one thread (see ``_scipy_blas_control``)."""
+    return _scipy_blas_control().limit(limits=1, user_api="blas")
+
+
 def _use_scipy(t: Tensor, backend: str | None) -> bool:
     """The scipy branch: ``auto`` on CPU at up to ``SCIPY_MAX_THREADS`` torch threads. It runs
     on one core; with more threads torch's routines, which use them all, are the better bet."""
@@ -118,7 +123,7 @@ def _scipy_eigh(sym: Tensor, top: int, overwrite: bool, descending: bool) -> tup
     subset = {"subset_by_index": [k - top, k - 1], "driver": "evr"} if _is_subset(top, k) else {"driver": "evd"}
     vals, vecs = [], []
     try:
-        with _scipy_blas_control().limit(limits=1, user_api="blas"):
+        with _one_blas_thread():
             for a in flat:
                 w, v = scipy.linalg.eigh(a, check_finite=False, overwrite_a=overwrite, **subset)
                 if descending or top < k:  # copies: torch takes no negative strides
@@ -186,7 +191,7 @@ def _gram(x: Tensor, backend: str | None = None, tall: bool | None = None, full:
 
     short = x.shape[-1] if tall else x.shape[-2]
     grams = []
-    with _scipy_blas_control().limit(limits=1, user_api="blas"):
+    with _one_blas_thread():
         for item in x.reshape(-1, *x.shape[-2:]):
             acc = np.zeros((short, short), order="F")
             for _, c in _chunks(item, tall):  # c.T is Fortran-ordered: dsyrk reads it in place

@@ -366,4 +366,5 @@ def test_which_eigensolver_runs_at_each_thread_count(threads, expected, monkeypa
     finally:
         torch.set_num_threads(before)
     assert got == expected
-    assert set(limits) <= {1}  # OpenBLAS held to one thread: its spinning workers would slow torch's down
+    assert set(limits) == ({1} if "scipy" in got else set())  # OpenBLAS on one thread: its spinning workers
+    # would slow torch's threads down
